@@ -1,0 +1,21 @@
+# Quick start:   make train   (main job on the embedded default)   |   make test   (test suite)
+# Both create/refresh the project-local venv (.venv) first via scripts/bootstrap.sh.
+PY := .venv/bin/python
+CONFIG ?= configs/synthetic_small.yaml
+ARGS ?=
+
+.PHONY: venv train test test-all bench
+venv:
+	@bash scripts/bootstrap.sh
+
+train: venv
+	$(PY) -m jobs.ray_train --config $(CONFIG) $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+bench: venv
+	$(PY) -m bench.run_all $(ARGS)

@@ -1,0 +1,1 @@
+"""Clustered Embedding Learning on TorchRec."""
