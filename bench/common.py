@@ -1,0 +1,62 @@
+"""Shared helpers for benchmarks: results files in the convention of DESIGN.md, tables, memory."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import time
+from typing import Any, Iterable
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=RESULTS_DIR.parent, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_results(name: str, records: list[dict[str, Any]], **extra: Any) -> pathlib.Path:
+    """Write bench/results/<name>.json as {benchmark, commit, machine, records, ...}."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"benchmark": name, "commit": git_commit(), "machine": machine(),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+               "records": records}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(records: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    """Print (and return) a Markdown table of the given columns."""
+    rows = [[_fmt(r.get(c, "")) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
