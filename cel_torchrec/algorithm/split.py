@@ -1,0 +1,154 @@
+"""Gradient-PCA ("GPCA") splits: choose clusters, find the principal direction of their members'
+gradients, divide members by the sign (or median) of their projection on it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cel_torchrec.algorithm.ops import segment_covariance
+
+SPLIT_CRITERIA = ("interactions", "grad_norm", "members", "loss", "mean_loss")
+SPLIT_METHODS = ("sign", "median")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What a split event decided: cluster `parents[j]` gives the entities `moved_entities` whose
+    `moved_to` equals `children[j]` to the new row `children[j]`, which starts as a copy of the
+    parent's row (and optimizer state). `skipped` lists candidates whose split left a side empty."""
+
+    parents: torch.Tensor        # int64[s]
+    children: torch.Tensor       # int64[s]
+    moved_entities: torch.Tensor  # int64[n_moved]
+    moved_to: torch.Tensor       # int64[n_moved]
+    skipped: torch.Tensor        # int64[k]
+
+    @property
+    def num_splits(self) -> int:
+        return int(self.parents.numel())
+
+
+def choose_clusters(criterion: str, num_active: int, k: int, *, member_counts: torch.Tensor,
+                    interaction_counts: torch.Tensor | None = None,
+                    grad_norms: torch.Tensor | None = None,
+                    loss_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-`k` active clusters (with at least two members) by `criterion`, ties to the lower id.
+
+    interactions: most training interactions (reference default); members: most members;
+    grad_norm: largest norm of the summed gradient; loss / mean_loss: largest summed / mean loss
+    over the cluster's interactions."""
+    members = member_counts[:num_active].to(torch.float64)
+    if criterion == "interactions":
+        score = _need(interaction_counts, criterion)[:num_active].to(torch.float64)
+    elif criterion == "members":
+        score = members
+    elif criterion == "grad_norm":
+        score = _need(grad_norms, criterion)[:num_active].to(torch.float64)
+    elif criterion == "loss":
+        score = _need(loss_sums, criterion)[:num_active].to(torch.float64)
+    elif criterion == "mean_loss":
+        inter = _need(interaction_counts, criterion)[:num_active].to(torch.float64)
+        score = _need(loss_sums, criterion)[:num_active].to(torch.float64) / inter.clamp_min(1)
+    else:
+        raise ValueError(f"split criterion must be one of {SPLIT_CRITERIA}, got {criterion!r}")
+    score = torch.where(members >= 2, score, torch.full_like(score, -torch.inf))
+    eligible = int((members >= 2).sum())
+    k = min(k, eligible)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=member_counts.device)
+    # stable sort on the negated score keeps the lower id first among ties
+    order = torch.sort(-score, stable=True).indices
+    return order[:k].to(member_counts.device)
+
+
+def _need(t: torch.Tensor | None, criterion: str) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"split criterion {criterion!r} needs its statistic")
+    return t
+
+
+def principal_directions(grads: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each segment: mean gradient `[S, d]` and top eigenvector `[S, d]` of the centred
+    scatter matrix `X^T X` (a batched `eigh` on `S` d x d matrices)."""
+    work = grads.to(torch.float64)
+    _, mean, scatter = segment_covariance(work, segment_ids, num_segments)
+    _, vecs = torch.linalg.eigh(scatter)
+    top = vecs[:, :, -1]                      # eigenvalues ascending -> last column
+    # fix the eigenvector's arbitrary sign: largest-magnitude component positive (deterministic)
+    pivot = top.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(torch.gather(top, 1, pivot)).clamp_min(0) * 2 - 1
+    return mean, top * sign
+
+
+def gpca_split(assignment: torch.Tensor, num_active: int, capacity: int, parents: torch.Tensor,
+               member_entities: torch.Tensor, member_grads: torch.Tensor,
+               method: str = "sign") -> SplitPlan:
+    """Split each cluster in `parents` along the first principal component of its members'
+    gradients. `member_entities[i]` (int64) has gradient `member_grads[i]`; rows of entities not in
+    a parent are ignored, and members of a parent without a row count with a zero gradient.
+
+    sign: projection of the centred gradient < 0 goes to the new cluster (split at the mean);
+    median: the lower half by projection goes to the new cluster. A split that would leave either
+    side empty is skipped. Children take the next free rows, in the order of `parents`."""
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"split method must be one of {SPLIT_METHODS}, got {method!r}")
+    device = assignment.device
+    parents = parents.long().to(device)[: max(capacity - num_active, 0)]
+    s = parents.numel()
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    if s == 0:
+        return SplitPlan(parents=empty, children=empty, moved_entities=empty, moved_to=empty,
+                         skipped=empty)
+    # segment index of every entity (-1 if its cluster is not being split)
+    seg_of_cluster = torch.full((capacity,), -1, dtype=torch.long, device=device)
+    seg_of_cluster[parents] = torch.arange(s, device=device)
+    seg_of_entity = seg_of_cluster[assignment.long()]
+    members = (seg_of_entity >= 0).nonzero().flatten()            # all members, incl. no-grad ones
+    member_seg = seg_of_entity[members]
+    d = member_grads.shape[1]
+    # dense gradients for all members (zero where none was recorded)
+    grad_of_entity_row = torch.full((assignment.numel(),), -1, dtype=torch.long, device=device)
+    grad_of_entity_row[member_entities.long()] = torch.arange(member_entities.numel(), device=device)
+    rows = grad_of_entity_row[members]
+    g = torch.zeros(members.numel(), d, dtype=torch.float64, device=device)
+    has = rows >= 0
+    g[has] = member_grads[rows[has]].to(torch.float64)
+
+    mean, direction = principal_directions(g, member_seg, s)
+    proj = ((g - mean[member_seg]) * direction[member_seg]).sum(dim=1)
+    if method == "sign":
+        # tiny relative tolerance so that numerically-zero projections stay with the parent
+        scale = proj.abs().max().clamp_min(1e-300)
+        to_child = proj < -1e-9 * scale
+    else:
+        to_child = _lower_half_by_segment(proj, member_seg, s)
+    n_child = torch.bincount(member_seg[to_child], minlength=s)
+    n_total = torch.bincount(member_seg, minlength=s)
+    ok = (n_child > 0) & (n_child < n_total)
+    children_of_seg = torch.full((s,), -1, dtype=torch.long, device=device)
+    children_of_seg[ok] = num_active + torch.arange(int(ok.sum()), device=device)
+    move = to_child & ok[member_seg]
+    return SplitPlan(parents=parents[ok], children=children_of_seg[ok],
+                     moved_entities=members[move], moved_to=children_of_seg[member_seg[move]],
+                     skipped=parents[~ok])
+
+
+def _lower_half_by_segment(proj: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Mask of the floor(n/2) lowest projections within each segment (vectorised rank)."""
+    order = torch.sort(proj, stable=True).indices
+    order = order[torch.sort(seg[order], stable=True).indices]   # by segment, then projection
+    counts = torch.bincount(seg, minlength=num_segments)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(proj.numel(), device=proj.device) - starts[seg[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank < (counts[seg] // 2)
+
+
+def apply_split(assignment: torch.Tensor, plan: SplitPlan) -> None:
+    """Move the plan's entities to their new clusters in place (the caller bumps num_active and
+    copies the parent rows)."""
+    if plan.moved_entities.numel():
+        assignment[plan.moved_entities] = plan.moved_to.to(assignment.dtype)
