@@ -1,0 +1,305 @@
+"""ClusteredEmbeddingBagCollection: a drop-in for TorchRec's EmbeddingBagCollection whose
+clustered tables hold one row per *cluster*; entity ids are remapped to cluster ids through each
+table's assignment map before a stock EmbeddingBagCollection looks them up.
+
+Shaped like TorchRec's managed-collision modules: an id-remapping module (`ClusterRemapper`)
+composed in front of a stock collection (`_embedding_bag_collection`), so the sharder can compose
+the stock sharder for the cluster table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, apply_split,
+                                    choose_clusters, cluster_grad_scale, gpca_split, remap_ids,
+                                    scatter_entity_grads)
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """How one table is clustered: budget (`max_clusters` rows), start (`init_clusters`),
+    gradient averaging (`batch` | `members` | `none`) and split policy."""
+
+    max_clusters: int
+    init_clusters: int = 1
+    grad_average: str = "batch"
+    split_criterion: str = "interactions"
+    split_method: str = "sign"
+    splits_per_event: int = 1
+
+
+class ClusterStates(nn.Module):
+    """Table name -> ClusterState. (nn.ModuleDict reserves names such as `items`.)"""
+
+    def __getitem__(self, name: str) -> ClusterState:
+        return self._modules[name]  # type: ignore[return-value]
+
+    def __setitem__(self, name: str, state: ClusterState) -> None:
+        self.add_module(name, state)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def as_dict(self) -> dict[str, ClusterState]:
+        return dict(self._modules)  # type: ignore[arg-type]
+
+
+class ClusterRemapper(nn.Module):
+    """Per clustered table: its ClusterState; `forward` maps a KJT's entity ids to cluster ids."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
+                 device: torch.device | None = None, seed: int = 0):
+        super().__init__()
+        names = {t.name for t in tables}
+        unknown = set(clustering) - names
+        if unknown:
+            raise ValueError(f"clustering names unknown tables {sorted(unknown)}; tables: {sorted(names)}")
+        generator = torch.Generator().manual_seed(seed)
+        self.states = ClusterStates()
+        self.feature_to_table: dict[str, str] = {}
+        for t in tables:
+            if t.name not in clustering:
+                continue
+            cfg = clustering[t.name]
+            if t.pooling != PoolingType.SUM:
+                raise ValueError(f"clustered table {t.name!r} must use SUM pooling")
+            self.states[t.name] = ClusterState(t.num_embeddings, cfg.max_clusters, cfg.init_clusters,
+                                               generator=generator, device=device)
+            for f in t.feature_names:
+                self.feature_to_table[f] = t.name
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not self.feature_to_table:
+            return features
+        values = features.values()
+        offsets = features.offset_per_key()
+        new_values = values.clone()
+        for i, key in enumerate(features.keys()):      # loop over features, not entities
+            table = self.feature_to_table.get(key)
+            if table is None:
+                continue
+            start, end = offsets[i], offsets[i + 1]
+            ids = values[start:end]
+            state = self.states[table]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.num_entities):
+                raise IndexError(f"feature {key!r}: ids must be in [0, {state.num_entities}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+            new_values[start:end] = remap_ids(state.assignment, ids).to(values.dtype)
+        return KeyedJaggedTensor(keys=features.keys(), values=new_values,
+                                 lengths=features.lengths(), offsets=features.offsets(),
+                                 weights=features.weights_or_none(), stride=features.stride())
+
+
+class _SplitWindow:
+    """Per-entity gradients accumulated for the members of the split candidates."""
+
+    def __init__(self, candidates: torch.Tensor, slot_of_entity: torch.Tensor, dim: int):
+        self.candidates = candidates
+        self.slot_of_entity = slot_of_entity
+        self.entities = (slot_of_entity >= 0).nonzero().flatten()
+        self.grads = torch.zeros(self.entities.numel(), dim, dtype=torch.float32,
+                                 device=slot_of_entity.device)
+
+
+class _GradHook(torch.autograd.Function):
+    """Identity forward; backward hands the pooled-output gradient to `hook`, which records
+    statistics and returns the (averaged) gradient to pass on to the lookup."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, hook) -> torch.Tensor:  # noqa: D401
+        ctx.hook = hook
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.hook(grad), None
+
+
+class ClusteredEmbeddingBagCollection(nn.Module):
+    """EmbeddingBagCollection whose `clustering` tables store `max_clusters` cluster rows shared by
+    entities. Same KJT in, same KeyedTensor out as the stock collection built from `tables`
+    (where each clustered table's `num_embeddings` is its number of entities).
+
+    Clustered features must carry exactly one id per sample (pooled bags of several entity ids
+    cannot be averaged per cluster)."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
+                 device: torch.device | None = None, seed: int = 0):
+        super().__init__()
+        self._tables = list(tables)
+        self._clustering = dict(clustering)
+        self._remapper = ClusterRemapper(tables, clustering, device=device, seed=seed)
+        cluster_tables = [dataclasses.replace(t, num_embeddings=clustering[t.name].max_clusters)
+                          if t.name in clustering else t for t in tables]
+        self._embedding_bag_collection = EmbeddingBagCollection(tables=cluster_tables, device=device)
+        self._windows: dict[str, _SplitWindow] = {}
+        self._cluster_grad_sum: dict[str, torch.Tensor] = {}
+        self._cluster_loss_sum: dict[str, torch.Tensor] = {}
+        self._last_cluster_ids: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ lookup
+    @property
+    def cluster_states(self) -> ClusterStates:
+        return self._remapper.states
+
+    @property
+    def clustered_tables(self) -> list[str]:
+        return list(self._remapper.states)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._tables)
+
+    def table_weight(self, table: str) -> torch.Tensor:
+        return self._embedding_bag_collection.embedding_bags[table].weight
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        remapped = self._remapper(features)
+        kt = self._embedding_bag_collection(remapped)
+        if self.training and torch.is_grad_enabled() and self._remapper.feature_to_table:
+            kt = self._attach_cluster_hooks(features, remapped, kt)
+        return kt
+
+    def _attach_cluster_hooks(self, features: KeyedJaggedTensor, remapped: KeyedJaggedTensor,
+                              kt: KeyedTensor) -> KeyedTensor:
+        batch = features.stride()
+        id_slices = features.to_dict()
+        cluster_slices = remapped.to_dict()
+        columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
+        plans = []
+        for key, table in self._remapper.feature_to_table.items():
+            if key not in id_slices:
+                continue
+            entity_ids = id_slices[key].values()
+            if entity_ids.numel() != batch:
+                raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
+                                 f"({entity_ids.numel()} ids for {batch} samples)")
+            cluster_ids = cluster_slices[key].values().long()
+            state = self._remapper.states[table]
+            state.count_interactions(entity_ids)
+            self._last_cluster_ids[table] = cluster_ids
+            scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(),
+                                       self._clustering[table].grad_average)
+            plans.append((table, columns[key], entity_ids, cluster_ids, scale))
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            out = grad.clone()
+            for table, (a, b), entity_ids, cluster_ids, scale in plans:
+                g = grad[:, a:b]
+                window = self._windows.get(table)
+                if window is not None:
+                    scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
+                averaged = g * scale[:, None].to(g.dtype)
+                acc = self._cluster_grad_sum.get(table)
+                if acc is not None:
+                    acc.index_add_(0, cluster_ids, averaged.detach().float())
+                out[:, a:b] = averaged
+            return out
+
+        values = _GradHook.apply(kt.values(), hook)
+        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
+                           key_dim=kt.key_dim())
+
+    # --------------------------------------------------------------- statistics
+    def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
+        """Add the last training batch's per-sample losses to per-cluster loss sums (used by the
+        `loss` / `mean_loss` split criteria)."""
+        for table, cluster_ids in self._last_cluster_ids.items():
+            acc = self._cluster_loss_sum.get(table)
+            if acc is not None:
+                acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+
+    def begin_split_window(self, table: str) -> torch.Tensor:
+        """Choose this table's split candidates now (by its criterion, from the statistics of the
+        previous window) and start recording their members' gradients. Returns the candidates."""
+        state = self._remapper.states[table]
+        cfg = self._clustering[table]
+        dim = self.table_weight(table).shape[1]
+        device = state.assignment.device
+        candidates = choose_clusters(
+            cfg.split_criterion, state.num_active, cfg.splits_per_event,
+            member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
+            grad_norms=self._cluster_grad_sum[table].norm(dim=1) if table in self._cluster_grad_sum else None,
+            loss_sums=self._cluster_loss_sum.get(table))
+        in_candidate = torch.zeros(state.capacity, dtype=torch.bool, device=device)
+        in_candidate[candidates] = True
+        member = in_candidate[state.assignment.long()]
+        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
+        slot[member] = torch.arange(int(member.sum()), device=device)
+        self._windows[table] = _SplitWindow(candidates, slot, dim)
+        self._cluster_grad_sum[table] = torch.zeros(state.capacity, dim, device=device)
+        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+        return candidates
+
+    def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidates, member entity ids, their accumulated gradients) of the open window."""
+        w = self._windows[table]
+        return w.candidates, w.entities, w.grads
+
+    # --------------------------------------------------------------- cluster ops
+    def cluster_rows(self, table: str) -> torch.Tensor:
+        """The active cluster rows `[num_active, D]` (detached)."""
+        return self.table_weight(table).detach()[: self._remapper.states[table].num_active]
+
+    def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
+              plan: SplitPlan | None = None) -> SplitPlan:
+        """Split the open window's candidates by GPCA (or apply a given plan), copy each parent's
+        row and optimizer state into its child, and open a new window."""
+        state = self._remapper.states[table]
+        if plan is None:
+            candidates, entities, grads = self.window_gradients(table)
+            plan = gpca_split(state.assignment, state.num_active, state.capacity, candidates,
+                              entities, grads, method=self._clustering[table].split_method)
+        apply_split(state.assignment, plan)
+        self.copy_rows(table, plan.parents, plan.children, optimizer)
+        state.num_active = state.num_active + plan.num_splits
+        return plan
+
+    def apply_reassignment(self, table: str, plan: ReassignPlan,
+                           optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install a reassignment decision: new map, refilled rows copied with optimizer state."""
+        state = self._remapper.states[table]
+        self.copy_rows(table, plan.row_src, plan.row_dst, optimizer)
+        state.assignment.copy_(plan.new_assignment)
+
+    @torch.no_grad()
+    def copy_rows(self, table: str, src: torch.Tensor, dst: torch.Tensor,
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy cluster rows `src -> dst`, and the optimizer's per-row state with them."""
+        if src.numel() == 0:
+            return
+        weight = self.table_weight(table)
+        weight.data[dst] = weight.data[src]
+        if optimizer is not None:
+            for value in optimizer.state.get(weight, {}).values():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == weight.shape[0]:
+                    value[dst] = value[src]
+
+    def embedding_bytes(self) -> int:
+        """Bytes of entity-dependent serving state: every table's rows (cluster tables at full
+        capacity) plus the int32 assignment maps."""
+        total = sum(p.numel() * p.element_size()
+                    for p in self._embedding_bag_collection.parameters())
+        for state in self._remapper.states.as_dict().values():
+            total += state.assignment.numel() * state.assignment.element_size()
+        return int(total)
+
+
+def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for n in lengths:
+        out.append((start, start + n))
+        start += n
+    return out
