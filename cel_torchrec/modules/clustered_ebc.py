@@ -243,6 +243,21 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
         return candidates
 
+    def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
+                             grads: torch.Tensor) -> None:
+        """Reopen a window saved in a checkpoint (so a resumed run splits exactly as it would
+        have)."""
+        state = self._remapper.states[table]
+        device = state.assignment.device
+        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
+        slot[entities.to(device)] = torch.arange(entities.numel(), device=device)
+        window = _SplitWindow(candidates.to(device), slot, grads.shape[1])
+        window.grads.copy_(grads.to(device))
+        self._windows[table] = window
+        dim = self.table_weight(table).shape[1]
+        self._cluster_grad_sum[table] = torch.zeros(state.capacity, dim, device=device)
+        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+
     def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(candidates, member entity ids, their accumulated gradients) of the open window."""
         w = self._windows[table]
