@@ -32,7 +32,7 @@ def accumulate_candidate_losses(loss_matrix: torch.Tensor, slot_of_entity: torch
 
 
 def mf_sufficient_stats(x: torch.Tensor, residual: torch.Tensor, slots: torch.Tensor,
-                        num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        num_slots: int, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-entity sufficient statistics of a dot-product model whose prediction is linear in the
     entity's embedding: `pred = x . c + const`, `residual = y - const`. Returns `sum r^2 [n]`,
     `sum r x [n, D]`, `sum x x^T [n, D, D]` over each entity's interactions."""
@@ -40,7 +40,11 @@ def mf_sufficient_stats(x: torch.Tensor, residual: torch.Tensor, slots: torch.Te
     x, residual, slots = x[keep].double(), residual[keep].double(), slots[keep]
     s_rr = segment_sum(residual * residual, slots, num_slots)
     s_rx = segment_sum(residual[:, None] * x, slots, num_slots)
-    s_xx = segment_sum(x[:, :, None] * x[:, None, :], slots, num_slots)
+    d = x.shape[1]
+    s_xx = torch.zeros(num_slots, d, d, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], chunk_rows):   # row chunks bound the [rows, D, D] temporary
+        xc = x[start:start + chunk_rows]
+        s_xx.index_add_(0, slots[start:start + chunk_rows], xc[:, :, None] * xc[:, None, :])
     return s_rr, s_rx, s_xx
 
 
