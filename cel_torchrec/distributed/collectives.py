@@ -1,0 +1,207 @@
+"""Collectives of sharded CEL: reduce split statistics and loss matrices across ranks, agree on
+decisions, gather and copy cluster rows (and fused optimizer state) wherever they live.
+
+Every function here is a collective: all ranks of `group` call it in the same order with
+tensors of the same shape. With no initialised process group (or world size 1) they degrade to
+local no-ops, so the same code runs unsharded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (and return it)."""
+    if world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_sum_many_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Sum several tensors over ranks in place, one collective per dtype (flattened and
+    concatenated, so many small statistics cost one round trip)."""
+    if world_size(group) <= 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group_tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group_tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        start = 0
+        for t in group_tensors:
+            n = t.numel()
+            t.copy_(flat[start:start + n].view_as(t))
+            start += n
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank `src`'s `obj` on every rank (pickled; for small decisions such as split plans).
+    Tensors come back on CPU; callers move them."""
+    if world_size(group) <= 1:
+        return obj
+    box = [obj if rank(group) == src else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src,
+                               group=group)
+    return box[0]
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Overwrite `tensor` with rank `src`'s copy (in place)."""
+    if world_size(group) > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src,
+                       group=group)
+    return tensor
+
+
+def all_gather_variable(ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenation over ranks of 1-D tensors whose lengths may differ (two collectives: the
+    lengths, then the padded values)."""
+    n = world_size(group)
+    if n <= 1:
+        return ids
+    length = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    lengths = [torch.zeros_like(length) for _ in range(n)]
+    dist.all_gather(lengths, length, group=group)
+    sizes = [int(x) for x in lengths]
+    longest = max(sizes)
+    padded = torch.zeros(longest, dtype=ids.dtype, device=ids.device)
+    padded[: ids.numel()] = ids
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether `tensor` is bitwise the same on every rank (compares rank 0's copy)."""
+    if world_size(group) <= 1:
+        return True
+    ref = tensor.clone()
+    broadcast_(ref, 0, group)
+    same = torch.tensor([1 if torch.equal(ref, tensor) else 0], dtype=torch.int64, device=tensor.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN, group=group)
+    return bool(int(same))
+
+
+@dataclass
+class LocalShard:
+    """One shard of a sharded table that this rank holds: a view of its weights
+    `[rows, cols]` placed at (`row_offset`, `col_offset`) of the full table, and views of its
+    fused optimizer states (each `[rows]` row-wise or `[rows, cols]` element-wise)."""
+
+    weight: torch.Tensor
+    row_offset: int
+    col_offset: int
+    states: list[torch.Tensor]
+    replicated: bool = False   # data-parallel: every rank holds the full table
+
+    @property
+    def rows(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.weight.shape[1])
+
+    def state_view(self, i: int) -> torch.Tensor:
+        """State `i` as `[rows, 1]` (row-wise) or `[rows, cols]`."""
+        return self.states[i].view(self.rows, -1)
+
+
+def _contribute(shards: list[LocalShard], rows: torch.Tensor, width: int, state_index: int | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """This rank's part of the full rows `rows` (zeros elsewhere), `[len(rows), width]`.
+    A row-wise state of a shard is written at the shard's first column."""
+    device = rows.device
+    out = torch.zeros(rows.numel(), width, dtype=dtype, device=device)
+    for shard in shards:
+        if shard.replicated:
+            continue
+        local = rows - shard.row_offset
+        here = (local >= 0) & (local < shard.rows)
+        if not bool(here.any()):
+            continue
+        source = shard.weight if state_index is None else shard.state_view(state_index)
+        values = source[local[here].to(source.device)].to(dtype=dtype, device=device)
+        c0 = shard.col_offset
+        out[here, c0:c0 + values.shape[1]] = values
+    return out
+
+
+def gather_rows(shards: list[LocalShard], rows: torch.Tensor, width: int,
+                group: dist.ProcessGroup | None = None, state_index: int | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Full rows `rows` of a sharded table (or of its optimizer state `state_index`) on every
+    rank, `[len(rows), width]`: every rank writes what it holds, then one all-reduce sums the
+    disjoint parts. Works for table-, column-, row- and table-column-wise shards alike."""
+    replicated = [s for s in shards if s.replicated]
+    if replicated:   # data-parallel: every rank already has every row
+        source = replicated[0].weight if state_index is None else replicated[0].state_view(state_index)
+        return source[rows.to(source.device)].to(dtype=dtype, device=rows.device)
+    return all_reduce_sum_(_contribute(shards, rows, width, state_index, dtype), group)
+
+
+def write_rows(shards: list[LocalShard], rows: torch.Tensor, values: torch.Tensor,
+               state_index: int | None = None) -> None:
+    """Write full rows `values` `[len(rows), width]` into the parts of `rows` this rank holds
+    (the inverse of `gather_rows`; local, no communication)."""
+    for shard in shards:
+        local = rows - shard.row_offset
+        here = (local >= 0) & (local < shard.rows)
+        if not bool(here.any()):
+            continue
+        target = shard.weight if state_index is None else shard.state_view(state_index)
+        c0 = 0 if shard.replicated else shard.col_offset
+        part = values[here][:, c0:c0 + target.shape[1]]
+        target[local[here].to(target.device)] = part.to(dtype=target.dtype, device=target.device)
+
+
+@torch.no_grad()
+def copy_rows(shards: list[LocalShard], src: torch.Tensor, dst: torch.Tensor, width: int,
+              group: dist.ProcessGroup | None = None) -> None:
+    """Copy full table rows `src -> dst` together with every fused optimizer state, wherever the
+    rows live: one all-reduce per tensor kind (weights, each state) brings the source rows to
+    every rank, then each rank writes the destination parts it holds."""
+    if src.numel() == 0:
+        return
+    num_states = max((len(s.states) for s in shards), default=0)
+    num_states = int(all_reduce_max_int(num_states, group))
+    kinds: list[int | None] = [None, *range(num_states)]
+    for kind in kinds:
+        usable = [s for s in shards if kind is None or kind < len(s.states)]
+        dtype = torch.float32
+        if kind is not None and usable:
+            dtype = usable[0].states[kind].dtype
+            dtype = torch.float64 if dtype.is_floating_point else torch.int64
+        values = gather_rows(usable, src, width, group, state_index=kind, dtype=dtype)
+        write_rows(usable, dst, values, state_index=kind)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where small bookkeeping tensors must live for `group`'s backend (CUDA for nccl)."""
+    if world_size(group) > 1 and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max_int(value: int, group: dist.ProcessGroup | None = None) -> int:
+    if world_size(group) <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)

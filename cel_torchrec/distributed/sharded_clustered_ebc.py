@@ -1,0 +1,424 @@
+"""ShardedClusteredEmbeddingBagCollection: the sharded twin of `ClusteredEmbeddingBagCollection`.
+
+Shaped like TorchRec's sharded managed-collision collection: the replicated `ClusterRemapper`
+runs first, on every rank, on that rank's local batch (entity ids -> cluster ids), then a stock
+`ShardedEmbeddingBagCollection` distributes the *cluster* ids, looks them up in the sharded
+cluster table and distributes the pooled rows back. A callback on the output awaitable puts the
+CEL gradient hook (per-cluster averaging, per-entity window gradients) on the pooled output, so
+the averaging happens before TorchRec's fused optimizer sees the gradient.
+
+Cluster phases are collectives (see `collectives.py`): statistics are summed over ranks, the
+decision is taken on rank 0 and broadcast, and every rank applies it to its replica of the
+assignment map and to the cluster rows (plus fused optimizer state) it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import (EmbeddingBagCollectionContext,
+                                               EmbeddingBagCollectionSharder,
+                                               ShardedEmbeddingBagCollection)
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
+from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
+                                    cluster_grad_scale, gpca_split, scatter_entity_grads)
+from cel_torchrec.distributed import collectives as C
+from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
+                                                ClusterStates, _column_ranges, _GradHook,
+                                                _SplitWindow)
+
+BATCH_SCOPES = ("global", "local")
+
+
+@dataclass
+class ClusteredEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
+    """The stock EBC context plus what the CEL gradient hook needs about the local batch."""
+
+    cel_plans: list = field(default_factory=list)
+
+
+class ShardedClusteredEmbeddingBagCollection(
+        ShardedEmbeddingModule[KJTList, list[torch.Tensor], KeyedTensor,
+                               ClusteredEmbeddingBagCollectionContext]):
+    """Sharded `ClusteredEmbeddingBagCollection`: replicated assignment maps, sharded cluster
+    table, CEL phases as collectives. Methods with the unsharded module's names have its
+    semantics on the *global* batch / data, and must be called on every rank in the same order.
+
+    `batch_scope` only matters for tables with `grad_average == "batch"`: `global` (default)
+    divides by the number of distinct members of the cluster in the *global* batch (an
+    all-gather of the local distinct ids every training step; equals the unsharded module fed the
+    global batch); `local` divides by the count in this rank's batch (no communication; the
+    summed gradient is then up to `world_size` times larger for clusters seen on several ranks).
+    """
+
+    def __init__(self, module: ClusteredEmbeddingBagCollection,
+                 table_name_to_parameter_sharding: dict[str, ParameterSharding],
+                 ebc_sharder: EmbeddingBagCollectionSharder, env: ShardingEnv,
+                 device: torch.device, batch_scope: str = "global",
+                 module_fqn: str | None = None) -> None:
+        super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
+        if batch_scope not in BATCH_SCOPES:
+            raise ValueError(f"batch_scope must be one of {BATCH_SCOPES}, got {batch_scope!r}")
+        self._env = env
+        self._device = device
+        self._pg = env.process_group
+        self._batch_scope = batch_scope
+        self._tables: list[EmbeddingBagConfig] = module.embedding_bag_configs()
+        self._clustering: dict[str, ClusteringConfig] = dict(module._clustering)
+        self._remapper = module._remapper.to(device)
+        self._embedding_bag_collection: ShardedEmbeddingBagCollection = ebc_sharder.shard(
+            module._embedding_bag_collection, table_name_to_parameter_sharding, env=env,
+            device=device, module_fqn=append_prefix(module_fqn or "", "_embedding_bag_collection"))
+        self._dims = {t.name: t.embedding_dim for t in self._tables}
+        self._windows: dict[str, _SplitWindow] = {}
+        self._cluster_grad_sum: dict[str, torch.Tensor] = {}
+        self._cluster_loss_sum: dict[str, torch.Tensor] = {}
+        self._last_cluster_ids: dict[str, torch.Tensor] = {}
+        # interactions counted on this rank since the last sync (the replicated buffer
+        # `entity_interactions` only ever holds globally summed counts)
+        self._pending_interactions = {
+            name: torch.zeros(state.num_entities, dtype=torch.int64, device=device)
+            for name, state in self._remapper.states.as_dict().items()}
+
+    # ------------------------------------------------------------------ TorchRec plumbing
+    def create_context(self) -> ClusteredEmbeddingBagCollectionContext:
+        return ClusteredEmbeddingBagCollectionContext()
+
+    def input_dist(self, ctx: ClusteredEmbeddingBagCollectionContext,
+                   features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        remapped = self._remapper(features)   # replicated map, local batch, before any a2a
+        if self.training and torch.is_grad_enabled() and self._remapper.feature_to_table:
+            ctx.cel_plans = self._hook_plans(features, remapped)
+        return self._embedding_bag_collection.input_dist(ctx, remapped)
+
+    def compute(self, ctx: ClusteredEmbeddingBagCollectionContext, dist_input: KJTList
+                ) -> list[torch.Tensor]:
+        return self._embedding_bag_collection.compute(ctx, dist_input)
+
+    def output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext, output: list[torch.Tensor]
+                    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_hook(ctx, self._embedding_bag_collection.output_dist(ctx, output))
+
+    def compute_and_output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext,
+                                input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        return self._with_hook(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
+
+    def prefetch(self, dist_input: KJTList, forward_stream=None, ctx=None) -> None:
+        self._embedding_bag_collection.prefetch(dist_input, forward_stream, ctx)
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        for fqn, _ in self.named_parameters():
+            yield append_prefix(prefix, fqn)
+        for fqn, _ in self.named_buffers():
+            yield append_prefix(prefix, fqn)
+
+    @property
+    def unsharded_module_type(self) -> type[ClusteredEmbeddingBagCollection]:
+        return ClusteredEmbeddingBagCollection
+
+    # ------------------------------------------------------------------ gradient hook
+    def _hook_plans(self, features: KeyedJaggedTensor, remapped: KeyedJaggedTensor) -> list:
+        batch = features.stride()
+        id_slices = features.to_dict()
+        cluster_slices = remapped.to_dict()
+        plans, global_counts = [], {}
+        batch_tables = [t for t in self._remapper.feature_to_table.values()
+                        if self._clustering[t].grad_average == "batch"]
+        if self._batch_scope == "global" and batch_tables and C.world_size(self._pg) > 1:
+            global_counts = self._global_distinct_members(id_slices)
+        for key, table in self._remapper.feature_to_table.items():
+            if key not in id_slices:
+                continue
+            entity_ids = id_slices[key].values()
+            if entity_ids.numel() != batch:
+                raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
+                                 f"({entity_ids.numel()} ids for {batch} samples)")
+            cluster_ids = cluster_slices[key].values().long()
+            state = self._remapper.states[table]
+            pending = self._pending_interactions[table]
+            pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int64))
+            self._last_cluster_ids[table] = cluster_ids
+            mode = self._clustering[table].grad_average
+            if key in global_counts:
+                denom = global_counts[key].index_select(0, cluster_ids)
+                scale = 1.0 / denom.clamp_min(1).to(torch.float32)
+            else:
+                scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(), mode)
+            plans.append((key, table, entity_ids, cluster_ids, scale))
+        return plans
+
+    def _global_distinct_members(self, id_slices: dict) -> dict[str, torch.Tensor]:
+        """Distinct members per cluster in the global batch, for every `batch`-averaged feature,
+        from ONE all-gather of every rank's distinct ids (features offset into one id space)."""
+        keys, offsets, parts, base = [], [], [], 0
+        for key, table in self._remapper.feature_to_table.items():
+            if key not in id_slices or self._clustering[table].grad_average != "batch":
+                continue
+            state = self._remapper.states[table]
+            keys.append(key)
+            offsets.append(base)
+            parts.append(torch.unique(id_slices[key].values().long()) + base)
+            base += state.num_entities
+        everyone = torch.unique(C.all_gather_variable(torch.cat(parts), self._pg))
+        out = {}
+        for key, start in zip(keys, offsets):
+            state = self._remapper.states[self._remapper.feature_to_table[key]]
+            mine = everyone[(everyone >= start) & (everyone < start + state.num_entities)] - start
+            out[key] = torch.bincount(state.assignment.long()[mine], minlength=state.capacity)
+        return out
+
+    def _with_hook(self, ctx: ClusteredEmbeddingBagCollectionContext,
+                   awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
+        if ctx.cel_plans:
+            plans = ctx.cel_plans
+            awaitable.callbacks.append(lambda kt: self._attach_hook(plans, kt))
+        return awaitable
+
+    def _attach_hook(self, plans: list, kt: KeyedTensor) -> KeyedTensor:
+        columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            out = grad.clone()
+            for key, table, entity_ids, cluster_ids, scale in plans:
+                a, b = columns[key]
+                g = grad[:, a:b]
+                window = self._windows.get(table)
+                if window is not None:
+                    scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
+                averaged = g * scale[:, None].to(g.dtype)
+                acc = self._cluster_grad_sum.get(table)
+                if acc is not None:
+                    acc.index_add_(0, cluster_ids, averaged.detach().float())
+                out[:, a:b] = averaged
+            return out
+
+        values = _GradHook.apply(kt.values(), hook)
+        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
+                           key_dim=kt.key_dim())
+
+    # ------------------------------------------------------------------ same API as unsharded
+    @property
+    def cluster_states(self) -> ClusterStates:
+        return self._remapper.states
+
+    @property
+    def clustered_tables(self) -> list[str]:
+        return list(self._remapper.states)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        return self._pg
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._tables)
+
+    def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
+        """Add this rank's last batch losses to its per-cluster loss sums (summed over ranks
+        when the next split window opens)."""
+        for table, cluster_ids in self._last_cluster_ids.items():
+            acc = self._cluster_loss_sum.get(table)
+            if acc is not None:
+                acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+
+    def sync_statistics(self, tables: list[str] | None = None) -> None:
+        """Collective: add every rank's interactions counted since the last sync into the
+        replicated `entity_interactions` (call before reading counters or saving)."""
+        names = self.clustered_tables if tables is None else tables
+        pending = [self._pending_interactions[n] for n in names]
+        C.all_reduce_sum_many_(pending, self._pg)
+        for n, p in zip(names, pending):
+            self._remapper.states[n].entity_interactions.add_(p)
+            p.zero_()
+
+    def begin_split_window(self, table: str) -> torch.Tensor:
+        """Collective. Choose the split candidates from the statistics of the previous window,
+        summed over ranks (decided on rank 0, broadcast), and start recording their members'
+        gradients on every rank. Returns the candidates."""
+        state = self._remapper.states[table]
+        cfg = self._clustering[table]
+        device = state.assignment.device
+        self.sync_statistics([table])
+        grad_sum = self._cluster_grad_sum.get(table)
+        loss_sum = self._cluster_loss_sum.get(table)
+        reduced = [t for t in (grad_sum, loss_sum) if t is not None]
+        C.all_reduce_sum_many_(reduced, self._pg)
+        candidates = None
+        if C.rank(self._pg) == 0:
+            candidates = choose_clusters(
+                cfg.split_criterion, state.num_active, cfg.splits_per_event,
+                member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
+                grad_norms=grad_sum.norm(dim=1) if grad_sum is not None else None,
+                loss_sums=loss_sum).cpu()
+        candidates = C.broadcast_object(candidates, 0, self._pg).to(device)
+        self._open_window(table, candidates)
+        return candidates
+
+    def _open_window(self, table: str, candidates: torch.Tensor) -> None:
+        state = self._remapper.states[table]
+        device = state.assignment.device
+        in_candidate = torch.zeros(state.capacity, dtype=torch.bool, device=device)
+        in_candidate[candidates] = True
+        member = in_candidate[state.assignment.long()]
+        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
+        slot[member] = torch.arange(int(member.sum()), device=device)
+        self._windows[table] = _SplitWindow(candidates, slot, self._dims[table])
+        self._cluster_grad_sum[table] = torch.zeros(state.capacity, self._dims[table], device=device)
+        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+
+    def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collective. (candidates, member entity ids, their gradients summed over ranks)."""
+        w = self._windows[table]
+        return w.candidates, w.entities, C.all_reduce_sum_(w.grads.clone(), self._pg)
+
+    def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
+                             grads: torch.Tensor) -> None:
+        """Reopen a window saved from `window_gradients` (global sums): rank 0 holds them, the
+        other ranks start from zero, so the next reduction gives the same totals."""
+        state = self._remapper.states[table]
+        device = state.assignment.device
+        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
+        slot[entities.to(device)] = torch.arange(entities.numel(), device=device)
+        window = _SplitWindow(candidates.to(device), slot, grads.shape[1])
+        if C.rank(self._pg) == 0:
+            window.grads.copy_(grads.to(device))
+        self._windows[table] = window
+        self._cluster_grad_sum[table] = torch.zeros(state.capacity, self._dims[table], device=device)
+        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+
+    def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
+              plan: SplitPlan | None = None) -> SplitPlan:
+        """Collective. Split the open window's candidates by GPCA on the gradients summed over
+        ranks (or apply `plan`); rank 0 decides, every rank applies the same plan to its map,
+        and each child row gets its parent's row and fused optimizer state wherever they live."""
+        state = self._remapper.states[table]
+        device = state.assignment.device
+        if plan is None:
+            candidates, entities, grads = self.window_gradients(table)
+            if C.rank(self._pg) == 0:
+                plan = gpca_split(state.assignment, state.num_active, state.capacity, candidates,
+                                  entities, grads, method=self._clustering[table].split_method)
+        plan = _plan_to(C.broadcast_object(_plan_to(plan, "cpu") if plan is not None else None,
+                                           0, self._pg), device)
+        apply_split(state.assignment, plan)
+        self.copy_rows(table, plan.parents, plan.children, optimizer)
+        state.num_active = state.num_active + plan.num_splits
+        return plan
+
+    def apply_reassignment(self, table: str, plan: ReassignPlan,
+                           optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective. Install rank 0's reassignment decision on every rank: its map (broadcast,
+        so replicas cannot drift even if ranks computed slightly different plans) and its
+        refilled rows, copied with their fused optimizer state."""
+        state = self._remapper.states[table]
+        device = state.assignment.device
+        new_assignment = plan.new_assignment.to(device=device, dtype=state.assignment.dtype).clone()
+        if C.world_size(self._pg) > 1:
+            transport = new_assignment.to(C.collective_device(self._pg))
+            C.broadcast_(transport, 0, self._pg)
+            new_assignment = transport.to(device)
+        rows = C.broadcast_object((plan.row_src.cpu(), plan.row_dst.cpu()), 0, self._pg)
+        self.copy_rows(table, rows[0].to(device), rows[1].to(device), optimizer)
+        state.assignment.copy_(new_assignment)
+
+    def copy_rows(self, table: str, src: torch.Tensor, dst: torch.Tensor,
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective. Copy cluster rows `src -> dst` with every fused optimizer state, across
+        ranks where needed. `optimizer` (a dense optimizer) is only consulted for data-parallel
+        tables, whose rows are plain replicated parameters."""
+        shards = self.local_shards(table)
+        C.copy_rows(shards, src.long(), dst.long(), self._dims[table], self._pg)
+        if optimizer is not None and src.numel():
+            for shard in shards:
+                if not shard.replicated:
+                    continue
+                for param_state in optimizer.state.values():
+                    for value in param_state.values():
+                        if torch.is_tensor(value) and value.data_ptr() != shard.weight.data_ptr() \
+                                and value.shape == shard.weight.shape:
+                            value[dst] = value[src]
+
+    @torch.no_grad()
+    def cluster_rows(self, table: str) -> torch.Tensor:
+        """Collective. The active cluster rows `[num_active, D]`, full width, on every rank."""
+        state = self._remapper.states[table]
+        rows = torch.arange(state.num_active, device=state.assignment.device)
+        return self.gather_table(table, rows)
+
+    @torch.no_grad()
+    def gather_table(self, table: str, rows: torch.Tensor | None = None,
+                     state_index: int | None = None) -> torch.Tensor:
+        """Collective. Full rows of `table` (all rows by default), or of its fused optimizer
+        state `state_index`, on every rank."""
+        if rows is None:
+            rows = torch.arange(self._num_rows(table), device=self._device)
+        shards = self.local_shards(table)
+        if state_index is not None:
+            shards = [s for s in shards if state_index < len(s.states)]
+        return C.gather_rows(shards, rows.to(self._device), self._dims[table], self._pg,
+                             state_index=state_index)
+
+    def _num_rows(self, table: str) -> int:
+        if table in self._clustering:
+            return self._clustering[table].max_clusters
+        return next(t.num_embeddings for t in self._tables if t.name == table)
+
+    def embedding_bytes(self) -> int:
+        """Bytes of entity-dependent serving state of the whole (all-ranks) collection: every
+        table at full capacity plus the int32 assignment maps (the same number as the unsharded
+        module's; each rank holds the maps plus its shards)."""
+        total = 0
+        for t in self._tables:
+            rows = self._num_rows(t.name)
+            total += rows * t.embedding_dim * 4
+        for state in self._remapper.states.as_dict().values():
+            total += state.assignment.numel() * state.assignment.element_size()
+        return int(total)
+
+    # ------------------------------------------------------------------ shards
+    def local_shards(self, table: str) -> list[C.LocalShard]:
+        """The shards of `table` this rank holds: views into TorchRec's fused (TBE) weights and
+        their optimizer states, with their place in the full table."""
+        out = []
+        ebc = self._embedding_bag_collection
+        for lookup in ebc._lookups:
+            replicated = isinstance(lookup, DistributedDataParallel)
+            while isinstance(lookup, DistributedDataParallel):
+                lookup = lookup.module
+            for emb_module in lookup._emb_modules:
+                tables = emb_module.config.embedding_tables
+                if not any(t.name == table for t in tables):
+                    continue
+                weights = emb_module.split_embedding_weights()
+                tbe = emb_module.emb_module
+                try:
+                    states = tbe.split_optimizer_states()
+                except (AttributeError, NotImplementedError):
+                    states = [[] for _ in tables]
+                for i, t in enumerate(tables):
+                    if t.name != table:
+                        continue
+                    md = t.local_metadata
+                    row_off, col_off = (md.shard_offsets[0], md.shard_offsets[1]) if md is not None \
+                        and not replicated else (0, 0)
+                    out.append(C.LocalShard(weight=weights[i], row_offset=int(row_off),
+                                            col_offset=int(col_off),
+                                            states=list(states[i]) if states else [],
+                                            replicated=replicated))
+        return out
+
+
+def _plan_to(plan: SplitPlan | None, device) -> SplitPlan | None:
+    if plan is None:
+        return None
+    return SplitPlan(parents=plan.parents.to(device), children=plan.children.to(device),
+                     moved_entities=plan.moved_entities.to(device), moved_to=plan.moved_to.to(device),
+                     skipped=plan.skipped.to(device))

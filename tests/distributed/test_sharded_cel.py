@@ -1,0 +1,217 @@
+"""Sharded CEL against the unsharded ClusteredEmbeddingBagCollection as an oracle, on 2 gloo CPU
+processes, for each sharding type of the cluster tables: same outputs and same cluster tables
+after steps that include a split and a reassignment; replicated maps identical on every rank;
+row copies (with fused optimizer state) across ranks; checkpoint resume; unsharded export.
+
+One process group per sharding type runs all checks (torchrec's import costs seconds)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_ranks
+
+pytestmark = pytest.mark.dist
+
+USERS, ITEMS, DIM, CAP = 50, 40, 8, 6
+GLOBAL_BATCH, STEPS, LR = 32, 9, 0.05
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _tables():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    return [EmbeddingBagConfig(name="user", embedding_dim=DIM, num_embeddings=USERS, feature_names=["user_id"]),
+            EmbeddingBagConfig(name="item", embedding_dim=DIM, num_embeddings=ITEMS, feature_names=["item_id"])]
+
+
+def _oracle():
+    from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
+    torch.manual_seed(0)
+    return ClusteredEmbeddingBagCollection(_tables(), {
+        "user": ClusteringConfig(max_clusters=CAP, init_clusters=2, grad_average="members"),
+        "item": ClusteringConfig(max_clusters=CAP, init_clusters=1, grad_average="batch")}, seed=0)
+
+
+def _kjt(users, items):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id"], values=torch.cat([users, items]),
+        lengths=torch.ones(users.numel() + items.numel(), dtype=torch.long))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    users = torch.randint(0, USERS, (GLOBAL_BATCH,), generator=g)
+    items = torch.randint(0, ITEMS, (GLOBAL_BATCH,), generator=g)
+    label = torch.randn(GLOBAL_BATCH, generator=g)
+    return users, items, label
+
+
+def _predict(out):
+    d = out.to_dict()
+    return (d["user_id"] * d["item_id"]).sum(1)
+
+
+def _mf_losses(emb, table, batches, gathered_rows, reduce):
+    """Exact loss of every entity of `table` under every active cluster (closed form for the dot
+    product), from this rank's share of `batches`, summed over ranks."""
+    from cel_torchrec.algorithm import mf_loss_matrix, mf_sufficient_stats
+    from cel_torchrec.distributed import collectives as C
+    feature, other = ("item_id", "user_id") if table == "item" else ("user_id", "item_id")
+    n = emb.cluster_states[table].num_entities
+    s_rr, s_rx = torch.zeros(n, dtype=torch.float64), torch.zeros(n, DIM, dtype=torch.float64)
+    s_xx, counts = torch.zeros(n, DIM, DIM, dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
+    for users, items, label in batches:
+        ids = {"user_id": users, "item_id": items}
+        with torch.no_grad():
+            out = emb(_kjt(users, items)).to_dict()
+        a, b, c = mf_sufficient_stats(out[other], label, ids[feature], n)
+        s_rr += a
+        s_rx += b
+        s_xx += c
+        counts.index_add_(0, ids[feature], torch.ones_like(ids[feature]))
+    if reduce:
+        C.all_reduce_sum_many_([s_rr, s_rx, s_xx, counts])
+    seen = (counts > 0).nonzero().flatten()
+    return seen, mf_loss_matrix(s_rr[seen], s_rx[seen], s_xx[seen], gathered_rows)
+
+
+def _worker(rank, world, sharding_type, ckpt_dir):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    from cel_torchrec.algorithm import decide_reassignment
+    from cel_torchrec.distributed import (clustered_modules, export_unsharded_state,
+                                          load_checkpoint, load_unsharded_state, save_checkpoint,
+                                          shard_model)
+    from cel_torchrec.distributed import collectives as C
+    from cel_torchrec.modules import ClusteredEmbeddingBagCollection
+
+    oracle = _oracle()
+    oracle.train()
+    dmp = shard_model(copy.deepcopy(oracle), sharding_type=sharding_type,
+                      fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
+    (name, sharded), = clustered_modules(dmp).items()
+    load_unsharded_state(dmp, oracle.state_dict())
+    dmp.train()
+    opt = torch.optim.SGD(oracle.parameters(), lr=LR)
+    half = GLOBAL_BATCH // world
+    mine = slice(rank * half, (rank + 1) * half)
+
+    def check_maps(where):
+        for table in ("user", "item"):
+            a = sharded.cluster_states[table].assignment
+            assert torch.equal(a, oracle.cluster_states[table].assignment), (where, table)
+            assert C.replicas_equal(a), (where, table)
+            assert sharded.cluster_states[table].num_active == oracle.cluster_states[table].num_active
+
+    def check_tables(where):
+        for table in ("user", "item"):
+            full = sharded.gather_table(table)
+            torch.testing.assert_close(full, oracle.table_weight(table).detach(), **TOL,
+                                       msg=f"{where}: {table} table")
+
+    def train_step(step):
+        users, items, label = _batch(step)
+        pred = _predict(dmp(_kjt(users[mine], items[mine])))
+        # TorchRec divides sparse gradients by the world size (like DDP's averaging), so each
+        # rank's loss is the mean over its own share: the sum of the updates is the oracle's
+        loss = ((pred - label[mine]) ** 2).mean()
+        loss.backward()                              # fused EXACT_SGD updates the shards here
+        sharded.observe_losses(((pred - label[mine]) ** 2).detach())
+        ref = _predict(oracle(_kjt(users, items)))
+        ref_loss = ((ref - label) ** 2).sum() / GLOBAL_BATCH
+        opt.zero_grad()
+        ref_loss.backward()
+        opt.step()
+        oracle.observe_losses(((ref - label) ** 2).detach())
+        torch.testing.assert_close(pred.detach(), ref.detach()[mine], **TOL, msg=f"step {step}")
+
+    check_tables("start")
+    for step in range(STEPS):
+        if step == 1:
+            for table in ("user", "item"):
+                got = sharded.begin_split_window(table)
+                want = oracle.begin_split_window(table)
+                assert torch.equal(got, want), (table, got, want)
+        if step == 4:
+            for table in ("user", "item"):
+                p = sharded.split(table)
+                q = oracle.split(table, optimizer=opt)
+                assert torch.equal(p.parents, q.parents) and torch.equal(p.children, q.children)
+                assert p.num_splits == 1, (table, p)
+            check_maps("after split")
+            check_tables("after split")
+            sharded.sync_statistics()                # counters are summed lazily
+            for table in ("user", "item"):
+                assert torch.equal(sharded.cluster_states[table].entity_interactions,
+                                   oracle.cluster_states[table].entity_interactions)
+        if step == 7:
+            batches = [_batch(s) for s in range(3)]
+            for table in ("item", "user"):
+                rows = sharded.cluster_rows(table)
+                torch.testing.assert_close(rows, oracle.cluster_rows(table), **TOL)
+                local = [(u[mine], i[mine], y[mine]) for u, i, y in batches]
+                seen, losses = _mf_losses(sharded, table, local, rows, reduce=True)
+                seen_o, losses_o = _mf_losses(oracle, table, batches, oracle.cluster_rows(table), reduce=False)
+                assert torch.equal(seen, seen_o)
+                torch.testing.assert_close(losses, losses_o, atol=1e-6, rtol=1e-6)
+                state = sharded.cluster_states[table]
+                plan = decide_reassignment(state.assignment, state.num_active, seen, losses,
+                                           keep_prob=0.31, generator=torch.Generator().manual_seed(7))
+                plan_o = decide_reassignment(oracle.cluster_states[table].assignment, state.num_active,
+                                             seen_o, losses_o, keep_prob=0.31,
+                                             generator=torch.Generator().manual_seed(7))
+                assert torch.equal(plan.new_assignment, plan_o.new_assignment)
+                sharded.apply_reassignment(table, plan)
+                oracle.apply_reassignment(table, plan_o, optimizer=opt)
+            check_maps("after reassignment")
+        train_step(step)
+    check_tables("end")
+    check_maps("end")
+
+    # a row copy whose source and destination may live on different ranks (row-wise)
+    sharded.copy_rows("item", torch.tensor([0, 1]), torch.tensor([CAP - 1, CAP - 2]))
+    oracle.copy_rows("item", torch.tensor([0, 1]), torch.tensor([CAP - 1, CAP - 2]))
+    check_tables("after copy_rows")
+    assert sharded.embedding_bytes() == oracle.embedding_bytes()
+
+    # checkpoint: save, change weights and maps, load, identical predictions
+    users, items, _ = _batch(99)
+    dmp.eval()
+    with torch.no_grad():
+        before = _predict(dmp(_kjt(users[mine], items[mine])))
+    save_checkpoint(dmp, ckpt_dir)
+    dmp.train()
+    train_step(100)
+    sharded.begin_split_window("item")
+    train_step(101)
+    sharded.split("item")
+    dmp.eval()
+    with torch.no_grad():
+        changed = _predict(dmp(_kjt(users[mine], items[mine])))
+    assert not torch.allclose(changed, before)
+    load_checkpoint(dmp, ckpt_dir)
+    with torch.no_grad():
+        after = _predict(dmp(_kjt(users[mine], items[mine])))
+    assert torch.equal(after, before)
+    check_maps_after_load = sharded.cluster_states["item"].num_active
+    assert C.replicas_equal(sharded.cluster_states["item"].assignment)
+
+    # unsharded export (another world size: here 1 process) gives the same predictions
+    state = export_unsharded_state(dmp)
+    single = ClusteredEmbeddingBagCollection(_tables(), oracle._clustering)
+    single.load_state_dict(state)
+    single.eval()
+    with torch.no_grad():
+        full_pred = _predict(single(_kjt(users, items)))
+    torch.testing.assert_close(full_pred[mine], before, **TOL)
+    return {"num_active_after_load": check_maps_after_load}
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "row_wise"])
+def test_sharded_matches_unsharded_oracle(sharding_type, tmp_path):
+    results = run_ranks(_worker, sharding_type, str(tmp_path / "ckpt"))
+    assert results[0] == results[1]
