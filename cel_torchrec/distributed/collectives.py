@@ -184,10 +184,9 @@ def copy_rows(shards: list[LocalShard], src: torch.Tensor, dst: torch.Tensor, wi
     kinds: list[int | None] = [None, *range(num_states)]
     for kind in kinds:
         usable = [s for s in shards if kind is None or kind < len(s.states)]
-        dtype = torch.float32
-        if kind is not None and usable:
-            dtype = usable[0].states[kind].dtype
-            dtype = torch.float64 if dtype.is_floating_point else torch.int64
+        # the same dtype on every rank (a rank may hold no shard): float64 carries float32
+        # weights and states, and integer counters below 2**53, exactly
+        dtype = torch.float32 if kind is None else torch.float64
         values = gather_rows(usable, src, width, group, state_index=kind, dtype=dtype)
         write_rows(usable, dst, values, state_index=kind)
 

@@ -95,6 +95,7 @@ def _worker(rank, world, sharding_type, ckpt_dir):
                       fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     (name, sharded), = clustered_modules(dmp).items()
     load_unsharded_state(dmp, oracle.state_dict())
+    _check_placement(sharded, sharding_type, rank, world)
     dmp.train()
     opt = torch.optim.SGD(oracle.parameters(), lr=LR)
     half = GLOBAL_BATCH // world
@@ -208,7 +209,62 @@ def _worker(rank, world, sharding_type, ckpt_dir):
     with torch.no_grad():
         full_pred = _predict(single(_kjt(users, items)))
     torch.testing.assert_close(full_pred[mine], before, **TOL)
+    _check_fused_state_copy(rank, world, sharding_type, ckpt_dir + "_adagrad")
     return {"num_active_after_load": check_maps_after_load}
+
+
+def _check_placement(sharded, sharding_type, rank, world):
+    """The planner really placed the cluster tables as asked."""
+    from cel_torchrec.distributed import collectives as C
+    for table in ("user", "item"):
+        shards = sharded.local_shards(table)
+        rows_total = CAP
+        held = torch.tensor([sum(s.rows * s.cols for s in shards)])
+        C.all_reduce_sum_(held)
+        assert int(held) == rows_total * DIM, (table, int(held))     # every element exactly once
+        if sharding_type == "column_wise":
+            assert [(s.rows, s.cols, s.col_offset) for s in shards] == [(CAP, DIM // world, rank * DIM // world)]
+        elif sharding_type == "row_wise":
+            assert [(s.rows, s.cols, s.row_offset) for s in shards] == [(CAP // world, DIM, rank * CAP // world)]
+        else:
+            assert all((s.rows, s.cols) == (CAP, DIM) for s in shards)
+
+
+def _check_fused_state_copy(rank, world, sharding_type, ckpt_dir):
+    """With a stateful fused optimizer, split and copy_rows carry the parent's optimizer state
+    into the child row (across ranks for row-wise), and checkpoints restore that state."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    from cel_torchrec.distributed import (clustered_modules, export_unsharded_state,
+                                          load_checkpoint, save_checkpoint, shard_model)
+    optim = EmbOptimType.EXACT_ADAGRAD if sharding_type == "column_wise" else EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    dmp = shard_model(_oracle(), sharding_type=sharding_type,
+                      fused_params={"optimizer": optim, "learning_rate": 0.1, "eps": 1e-8})
+    (_, sharded), = clustered_modules(dmp).items()
+    dmp.train()
+    half = GLOBAL_BATCH // world
+    mine = slice(rank * half, (rank + 1) * half)
+    for step in range(2):
+        users, items, label = _batch(step)
+        pred = _predict(dmp(_kjt(users[mine], items[mine])))
+        ((pred - label[mine]) ** 2).mean().backward()
+    state0 = sharded.gather_table("item", state_index=0)
+    assert state0[0].abs().sum() > 0                       # cluster 0 has been trained
+    src, dst = torch.tensor([0]), torch.tensor([CAP - 1])  # first and last rows (two ranks if row-wise)
+    sharded.copy_rows("item", src, dst)
+    state1 = sharded.gather_table("item", state_index=0)
+    weights = sharded.gather_table("item")
+    assert torch.equal(state1[CAP - 1], state0[0]) and torch.equal(weights[CAP - 1], weights[0])
+    save_checkpoint(dmp, ckpt_dir)
+    users, items, label = _batch(5)
+    pred = _predict(dmp(_kjt(users[mine], items[mine])))
+    ((pred - label[mine]) ** 2).mean().backward()
+    assert not torch.equal(sharded.gather_table("item", state_index=0), state1)
+    load_checkpoint(dmp, ckpt_dir)
+    assert torch.equal(sharded.gather_table("item", state_index=0), state1)
+    exported = export_unsharded_state(dmp, with_optimizer=True)
+    assert torch.equal(exported["_embedding_bag_collection.embedding_bags.item.weight"], weights)
+    assert exported["optimizer"], "fused optimizer state exported"
 
 
 @pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "row_wise"])
