@@ -1,0 +1,407 @@
+"""Ray Train driver: Parquet splits through Ray Data, N TorchTrainer workers, checkpoints and
+restarts, progress on the driver, a final metrics table.
+
+    python -m jobs.ray_train --config configs/synthetic_small.yaml              # local Ray
+    python -m jobs.ray_train --config configs/x.yaml ray.num_workers=4 ray.gpus_per_worker=1
+    python -m jobs.submit --address http://head:8265 --config configs/x.yaml    # as a Ray job
+
+Every worker runs `worker_fn(config: dict, ctx: RayWorkerContext) -> dict`; the default is
+`trainer.worker:ray_worker_entry`, imported lazily inside the worker (the trainer never imports
+`jobs`: it receives the context object as an argument). Keys read here (nested dict):
+`ray.{address, num_workers, cpus_per_worker, gpus_per_worker, max_failures, num_cpus,
+checkpoints_to_keep, datasets, shuffle_buffer_batches}`, `run.{dir, name, resume}`,
+`data.{path, kind, batch_size, reader}`, `dist.backend`, `train.seed`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+if TYPE_CHECKING:  # ray and numpy stay lazy: `import jobs.ray_train` must be cheap
+    import numpy as np
+    import ray.data
+    import ray.train
+
+DEFAULT_WORKER = "trainer.worker:ray_worker_entry"
+RAY_RUN_NAME = "ray_train"          # Ray's own files: RUN_DIR/ray_train/checkpoint_*, state
+WorkerFn = Callable[[dict, "RayWorkerContext"], Any]
+
+
+# ----------------------------------------------------------------------------- config
+def get(config: Mapping, dotted: str, default: Any = None) -> Any:
+    """`get(cfg, "ray.num_workers", 2)`: a nested lookup that tolerates missing levels."""
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return default if node is None else node
+
+
+def set_dotted(config: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load_config_dict(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
+    """YAML file -> nested dict, then `a.b.c=value` overrides (values parsed as YAML scalars, so
+    `ray.num_workers=2` is an int and `run.resume=true` a bool)."""
+    import yaml
+    text = pathlib.Path(path).read_text()
+    config = yaml.safe_load(text) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        set_dotted(config, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return config
+
+
+# ----------------------------------------------------------------------------- worker side
+@dataclasses.dataclass
+class RayWorkerContext:
+    """What a worker function gets from Ray Train: its rank, the dataset shards, and a way to
+    report metrics + checkpoints. A plain object passed to the trainer (which never imports
+    `jobs`); see docs/interfaces.md "## Ray jobs"."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    dataset_rows: dict[str, int]            # rows in each split before sharding (driver's count)
+    shuffle_buffer_batches: int = 4
+    seed: int = 0
+    _checkpoint_dir: str | None = dataclasses.field(default=None, repr=False)
+    _checkpoint_resolved: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def has_split(self, split: str) -> bool:
+        return split in self.dataset_rows
+
+    def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
+        """Batches this rank yields per epoch. Shards are equal (Ray's `streaming_split(equal=
+        True)` drops the remainder), so every rank computes the same number without talking."""
+        rows = self.dataset_rows[split] // self.world_size
+        return rows // batch_size if drop_last else math.ceil(rows / batch_size)
+
+    def iter_batches(self, split: str, batch_size: int, epoch: int = 0, *,
+                     shuffle: bool | None = None, drop_last: bool = False
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """One epoch of this rank's shard as numpy dicts (`user_id`, `item_id`, `label`, ...).
+        Call once per epoch on every rank; `shuffle` (default: train only) is a local shuffle
+        buffer of `shuffle_buffer_batches` batches seeded by (seed, epoch, rank)."""
+        import ray.train
+        if not self.has_split(split):
+            raise KeyError(f"no Ray dataset {split!r} was given to this run "
+                           f"(have {sorted(self.dataset_rows)}); see ray.datasets")
+        shard = ray.train.get_dataset_shard(split)
+        shuffle = (split == "train") if shuffle is None else shuffle
+        buffer = batch_size * self.shuffle_buffer_batches if shuffle else None
+        seed = (self.seed * 1_000_003 + epoch * 1009 + self.rank) if shuffle else None
+        return iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                       drop_last=drop_last, local_shuffle_buffer_size=buffer,
+                                       local_shuffle_seed=seed))
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None = None
+               ) -> None:
+        """Every rank calls this the same number of times (it is a barrier). Rank 0 passes the
+        directory it has finished writing; Ray copies it into run storage, and after a worker
+        failure `latest_checkpoint_dir()` returns that copy on every rank."""
+        import ray.train
+        checkpoint = (ray.train.Checkpoint.from_directory(os.fspath(checkpoint_dir))
+                      if checkpoint_dir is not None else None)
+        ray.train.report(_plain_metrics(metrics), checkpoint=checkpoint)
+
+    def latest_checkpoint_dir(self) -> str | None:
+        """A local directory holding the last reported checkpoint (None on a fresh start). The
+        same on every rank; copied to local disk first when storage is remote."""
+        if not self._checkpoint_resolved:
+            import ray.train
+            checkpoint = ray.train.get_checkpoint()
+            self._checkpoint_dir = _local_directory(checkpoint) if checkpoint else None
+            self._checkpoint_resolved = True
+        return self._checkpoint_dir
+
+
+def _local_directory(checkpoint: ray.train.Checkpoint) -> str:
+    import pyarrow.fs
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+        return checkpoint.path
+    return checkpoint.to_directory()
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors and numpy scalars -> Python numbers, so reports serialise cheaply."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def ray_context(dataset_rows: Mapping[str, int] | None = None, *, seed: int = 0,
+                shuffle_buffer_batches: int = 4) -> RayWorkerContext:
+    """The context of the calling Ray Train worker (call inside `train_loop_per_worker`)."""
+    import ray.train
+    tc = ray.train.get_context()
+    return RayWorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(),
+                            local_rank=tc.get_local_rank(), dataset_rows=dict(dataset_rows or {}),
+                            seed=seed, shuffle_buffer_batches=shuffle_buffer_batches)
+
+
+def resolve_worker(worker_fn: WorkerFn | str) -> WorkerFn:
+    """A callable, or "package.module:function" imported now (inside the worker process)."""
+    if callable(worker_fn):
+        return worker_fn
+    module, _, name = worker_fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker_loop(worker_fn: WorkerFn | str, dataset_rows: dict[str, int], config: dict) -> Any:
+    """`train_loop_per_worker`: build the context, run the worker; rank 0's return value is the
+    run's `Result.return_value`."""
+    ctx = ray_context(dataset_rows, seed=int(get(config, "train.seed", 0)),
+                      shuffle_buffer_batches=int(get(config, "ray.shuffle_buffer_batches", 4)))
+    return resolve_worker(worker_fn)(config, ctx)
+
+
+# ----------------------------------------------------------------------------- driver side
+def _progress_callback():
+    """Prints each report on the driver (the callback runs in Ray's controller actor, whose
+    stdout Ray forwards to the driver)."""
+    import ray.train
+
+    class ProgressCallback(ray.train.UserCallback):
+        def __init__(self):
+            self.reports = 0
+            self.started = time.monotonic()
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports += 1
+            main = metrics[0] if metrics else {}
+            shown = "  ".join(f"{k}={_fmt(v)}" for k, v in main.items() if _scalar(v))
+            saved = f"  checkpoint={os.path.basename(checkpoint.path)}" if checkpoint else ""
+            print(f"[ray_train] report {self.reports} t={time.monotonic() - self.started:.1f}s  "
+                  f"{shown}{saved}", flush=True)
+
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, exc in sorted(worker_exceptions.items()):
+                first = str(exc).strip().splitlines()[:1]
+                print(f"[ray_train] worker rank {rank} failed: {type(exc).__name__}: "
+                      f"{first[0] if first else ''}", flush=True)
+
+    return ProgressCallback()
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def format_metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A two-column text table of the scalar metrics, sorted by key."""
+    rows = [(k, _fmt(v)) for k, v in sorted(metrics.items()) if _scalar(v)]
+    if not rows:
+        return "(no metrics)"
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def final_metrics(result: ray.train.Result) -> dict:
+    """Rank 0's return value when it is a dict, else the last reported metrics."""
+    if isinstance(result.return_value, Mapping):
+        return dict(result.return_value)
+    return dict(result.metrics or {})
+
+
+def read_split(data_path: str, split: str) -> ray.data.Dataset:
+    """One split of a prepared dataset directory as a Ray Dataset."""
+    try:
+        from data_pipeline.ray_data import read_split as pipeline_read_split
+    except ImportError:
+        # TODO: data_pipeline.ray_data (schema-validated reader) was not written yet when this
+        # was; this plain read is the fallback.
+        import ray.data
+        return ray.data.read_parquet(f"{data_path}/{split}")
+    return pipeline_read_split(data_path, split)
+
+
+def resolve_data_dir(config: dict) -> str | None:
+    """The prepared dataset directory (absolute): `data.path`, or the cached synthetic dataset
+    built here once so that workers do not race to build it. None when neither applies."""
+    path = get(config, "data.path")
+    if path:
+        return os.path.abspath(path)
+    if get(config, "data.kind") == "synthetic":
+        from data_pipeline.synthetic import ensure_synthetic
+        params = dict(get(config, "data.synthetic", {}))
+        return os.path.abspath(ensure_synthetic(os.path.abspath(get(config, "data.cache_dir",
+                                                                    "data/cache")), **params))
+    return None
+
+
+def _absolute_paths(config: dict) -> dict:
+    """Workers may run in another working directory (a Ray job's unpacked working_dir), so the
+    paths they share with the driver are made absolute here."""
+    config = _deep_copy(config)
+    for key in ("run.dir", "data.path", "data.cache_dir"):
+        value = get(config, key)
+        if isinstance(value, str) and value and "://" not in value:
+            set_dotted(config, key, os.path.abspath(value))
+    return config
+
+
+def _deep_copy(config: Any) -> Any:
+    if isinstance(config, Mapping):
+        return {k: _deep_copy(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_deep_copy(v) for v in config]
+    return config
+
+
+def init_ray(config: Mapping) -> bool:
+    """Attach to `ray.address` / $RAY_ADDRESS (set inside a Ray job), else start a local Ray
+    owned by this process ("local": never silently attach to someone else's `ray start`).
+    Returns True when this call started Ray (so the caller shuts it down)."""
+    import ray
+    if ray.is_initialized():
+        return False
+    address = get(config, "ray.address") or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+    if address == "local":
+        kwargs.update(include_dashboard=False, num_cpus=get(config, "ray.num_cpus"))
+    ray.init(**kwargs)
+    return True
+
+
+def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *,
+                     datasets: dict[str, ray.data.Dataset] | None = None,
+                     storage_path: str | None = None, name: str | None = None,
+                     progress: bool = True) -> ray.train.Result:
+    """Train with `ray.num_workers` TorchTrainer workers each running `worker_fn(config, ctx)`.
+
+    `datasets` default: the splits in `ray.datasets` (default ["train"]) read from the prepared
+    dataset directory (`resolve_data_dir`); each worker reads its equal shard through
+    `ctx.iter_batches`. Checkpoints land in `storage_path/name` (default RUN_DIR/ray_train,
+    RUN_DIR = run.dir/run.name); with `run.resume` false a previous run's Ray state there is
+    cleared first (Ray would otherwise resume from it). Worker failures restart the whole group
+    up to `ray.max_failures` times from the last checkpoint. Raises ray.train.TrainingFailedError
+    when the run fails for good."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = _absolute_paths(config)
+    started_ray = init_ray(config)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = bool(
+            get(config, "ray.data_progress_bars", False))
+        if datasets is None:
+            data_dir = resolve_data_dir(config)
+            datasets = {}
+            if data_dir is not None:
+                set_dotted(config, "data.path", data_dir)
+                datasets = {split: read_split(data_dir, split)
+                            for split in get(config, "ray.datasets", ["train"])}
+        if datasets and get(config, "data.reader") is None:
+            set_dotted(config, "data.reader", "ray")
+        dataset_rows = {split: ds.count() for split, ds in datasets.items()}
+
+        num_workers = int(get(config, "ray.num_workers", 2))
+        cpus = float(get(config, "ray.cpus_per_worker", 0.5))
+        gpus = float(get(config, "ray.gpus_per_worker", 0))
+        resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        run_dir = os.path.join(os.path.abspath(get(config, "run.dir", "runs")),
+                               str(get(config, "run.name", "run")))
+        storage_path = os.path.abspath(storage_path) if storage_path else run_dir
+        name = name or RAY_RUN_NAME
+        ray_run_dir = os.path.join(storage_path, name)
+        if not get(config, "run.resume", False) and os.path.isdir(ray_run_dir):
+            print(f"[ray_train] run.resume=false: clearing the previous Ray state {ray_run_dir}",
+                  flush=True)
+            shutil.rmtree(ray_run_dir)
+
+        trainer = TorchTrainer(
+            functools.partial(_worker_loop, worker_fn, dataset_rows),
+            train_loop_config=config,
+            torch_config=TorchConfig(backend=_backend(config, gpus > 0)),
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpus > 0,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage_path,
+                failure_config=ray.train.FailureConfig(
+                    max_failures=int(get(config, "ray.max_failures", 0))),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=get(config, "ray.checkpoints_to_keep", 2)),
+                callbacks=[_progress_callback()] if progress else None),
+            datasets=datasets or None,
+            dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        )
+        print(f"[ray_train] {num_workers} workers x {resources}  datasets "
+              f"{dataset_rows or '(none: workers read locally)'}  storage {ray_run_dir}",
+              flush=True)
+        return trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _backend(config: Mapping, cuda: bool) -> str:
+    """The process-group backend, chosen by the trainer's one chooser."""
+    from trainer.dist import choose_backend
+    return choose_backend(get(config, "dist.backend", "auto"), cuda=cuda)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.ray_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--worker", default=DEFAULT_WORKER,
+                        help="worker function as module:function (default %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.config):
+        print(f"error: config file {args.config} not found", file=sys.stderr)
+        return 2
+    config = load_config_dict(args.config, args.overrides)
+
+    import ray.train
+    try:
+        result = run_ray_training(config, args.worker)
+    except ray.train.TrainingFailedError as exc:
+        print(f"[ray_train] FAILED: {exc}", file=sys.stderr, flush=True)
+        return 1
+    metrics = final_metrics(result)
+    print(f"[ray_train] finished; Ray run dir {result.path}")
+    if result.checkpoint is not None:
+        print(f"[ray_train] last checkpoint {result.checkpoint.path}")
+    print(format_metrics_table(metrics), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
