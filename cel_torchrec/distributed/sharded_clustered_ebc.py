@@ -83,6 +83,7 @@ class ShardedClusteredEmbeddingBagCollection(
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, torch.Tensor] = {}
+        self._member_count_cache: dict[str, tuple] = {}
         # interactions counted on this rank since the last sync (the replicated buffer
         # `entity_interactions` only ever holds globally summed counts)
         self._pending_interactions = {
@@ -152,9 +153,20 @@ class ShardedClusteredEmbeddingBagCollection(
                 denom = global_counts[key].index_select(0, cluster_ids)
                 scale = 1.0 / denom.clamp_min(1).to(torch.float32)
             else:
-                scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(), mode)
+                scale = cluster_grad_scale(entity_ids, cluster_ids, self._member_counts(table), mode)
             plans.append((key, table, entity_ids, cluster_ids, scale))
         return plans
+
+    def _member_counts(self, table: str) -> torch.Tensor:
+        """Members per cluster, recomputed only when the map changed (its version counter moves
+        on every in-place write: splits, reassignments, checkpoint loads)."""
+        assignment = self._remapper.states[table].assignment
+        key = (assignment.data_ptr(), assignment._version)
+        cached = self._member_count_cache.get(table)
+        if cached is None or cached[0] != key:
+            cached = (key, self._remapper.states[table].member_counts())
+            self._member_count_cache[table] = cached
+        return cached[1]
 
     def _global_distinct_members(self, id_slices: dict) -> dict[str, torch.Tensor]:
         """Distinct members per cluster in the global batch, for every `batch`-averaged feature,
