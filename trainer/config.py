@@ -1,0 +1,353 @@
+"""Typed training configuration: nested dataclasses loaded from YAML plus dotted `key=value`
+overrides (`train.lr=0.01 cel.items.max_clusters=50 model.hidden=[128,64]`).
+
+Values are parsed with `yaml.safe_load` and checked against the dataclass field types; an unknown
+key or a wrong type raises `ConfigError` (a `ValueError`) naming the dotted key. Fields with a
+fixed set of values carry `choices` metadata and are checked too. Partial sections merge into the
+defaults, so a YAML file only states what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid config: unknown key, wrong type or value outside its choices."""
+
+
+def _choice(default: Any, *choices: Any) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class SyntheticConfig:
+    """Parameters of the planted-cluster synthetic dataset (built on first use, cached)."""
+
+    users: int = 2000
+    items: int = 1000
+    interactions: int = 100_000
+    clusters: int = 8
+    seed: int = 0
+    label: str = _choice("rating", "rating", "click")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is batched. Entities with fewer than
+    `cold_threshold` training interactions count as cold in the sliced metrics."""
+
+    kind: str = _choice("synthetic", "synthetic", "path")
+    path: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    cache_dir: str = "data/cache"
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    reader: str = _choice("local", "local", "ray")
+    cold_threshold: int = 5
+
+
+@dataclass
+class ModelConfig:
+    """The interaction model on top of the embeddings. `embedding_dim` is the latent width d;
+    the embedding tables may be wider (see `trainer.models.embedding_dim_for`)."""
+
+    name: str = _choice("mf", "mf", "neumf", "two_tower")
+    embedding_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+    init_std: float = 0.1
+
+
+@dataclass
+class EmbeddingConfig:
+    """Which entity embedding collection: CEL or a baseline. Per-feature budgets of the
+    baselines are keyed `users` / `items`."""
+
+    method: str = _choice("cel", "cel", "full", "hash", "qr")
+    hash_buckets: dict[str, int] = field(default_factory=dict)
+    qr_collisions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ClusteringConfig:
+    """How one table (users or items) is clustered: budget, start, gradient averaging, splits."""
+
+    enabled: bool = False
+    max_clusters: int = 50
+    init_clusters: int = 1
+    grad_average: str = _choice("batch", "batch", "members", "none")
+    split_criterion: str = _choice("interactions", "interactions", "grad_norm", "members", "loss",
+                                   "mean_loss")
+    split_method: str = _choice("sign", "sign", "median")
+    splits_per_event: int = 1
+
+
+@dataclass
+class CelConfig:
+    """Per-table clustering plus the split/reassignment schedule (see
+    `cel_torchrec.algorithm.ClusterSchedule`): split every `split_interval` units while below
+    `split_until`; reassign at `reassign_at`, or by `reassign_rule` (`reference`: at
+    `reassign_period * n - 1` for n = 1 or prime; `every`: every `reassign_period`; `none`)."""
+
+    items: ClusteringConfig = field(
+        default_factory=lambda: ClusteringConfig(enabled=True, max_clusters=50))
+    users: ClusteringConfig = field(
+        default_factory=lambda: ClusteringConfig(enabled=False, max_clusters=50))
+    split_interval: int = 10
+    split_until: int = 800
+    reassign_at: list[int] | None = None
+    reassign_rule: str = _choice("reference", "reference", "every", "none")
+    reassign_period: int = 40
+    interval_unit: str = _choice("step", "step", "epoch")
+    reassign_keep_prob: float = 0.31
+    freeze_after: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation. `l2` is an explicit penalty on the looked-up embeddings (mean over the
+    batch of squared norms); `weight_decay` goes to the optimizer."""
+
+    epochs: int = 10
+    max_steps: int | None = None
+    lr: float = 0.01
+    optimizer: str = _choice("adam", "adam", "adagrad", "sgd")
+    weight_decay: float = 0.0
+    l2: float = 0.0
+    seed: int = 0
+    eval_every_steps: int | None = None
+    loss: str = _choice("mse", "mse", "bce")
+
+
+@dataclass
+class RunConfig:
+    """Run directory `dir/name` (name defaults to a timestamp), checkpoints and resumption."""
+
+    dir: str = "runs"
+    name: str | None = None
+    checkpoint_every_steps: int | None = None
+    resume: bool = True
+
+
+@dataclass
+class DistConfig:
+    """Process-group backend (`auto`: nccl on GPUs, else gloo) and the table sharding type."""
+
+    backend: str = _choice("auto", "auto", "gloo", "nccl")
+    sharding: str = _choice("table_wise", "table_wise", "column_wise", "row_wise",
+                            "data_parallel")
+
+
+@dataclass
+class RayConfig:
+    """Ray Train resources (fractional CPUs keep Ray Data from starving on small machines)."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0
+    address: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    """Metric loggers (rank 0 only). `wandb_mode` None: online if WANDB_API_KEY is set (or
+    WANDB_MODE says otherwise), else offline files that `wandb sync` can upload later."""
+
+    loggers: list[str] = field(default_factory=lambda: ["stdout", "jsonl", "wandb"])
+    wandb_project: str = "cel-torchrec"
+    wandb_mode: str | None = _choice(None, None, "online", "offline", "disabled")
+    log_every_steps: int = 50
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration of one training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    cel: CelConfig = field(default_factory=CelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        """Defaults updated by the (possibly partial, nested) dict `d`, type-checked."""
+        return _merge(cls(), d or {}, "")
+
+
+# ----------------------------------------------------------------------------- public API
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults <- YAML file at `path` (if any) <- `key=value` overrides, in that order."""
+    data: Any = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    cfg = TrainConfig.from_dict(data)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """A new config with each `a.b.c=value` applied (value parsed as YAML). A dotted key may
+    reach into a dict field (`embedding.hash_buckets.items=1000`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse {raw!r} as YAML: {exc}") from None
+        cfg = _merge(cfg, _nest(cfg, key.split("."), value, ""), "")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (JSON/YAML-serialisable) of a config, for logging and checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- internals
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _nest(cfg: Any, parts: list[str], value: Any, prefix: str) -> dict:
+    """`["a", "b"], v` -> `{"a": {"b": v}}`, validating the path on the way; an override
+    that reaches into a dict field merges into that dict's current value."""
+    head, rest = parts[0], parts[1:]
+    where = prefix.rstrip(".") or "the top level"
+    if not dataclasses.is_dataclass(cfg):
+        raise ConfigError(f"cannot set {prefix + head!r}: {where} is a "
+                          f"{type(cfg).__name__}, not a section")
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if head not in names:
+        raise ConfigError(f"unknown key {prefix + head!r}; valid keys at {where}: "
+                          f"{', '.join(names)}")
+    if not rest:
+        return {head: value}
+    current = getattr(cfg, head)
+    if isinstance(current, dict):
+        merged = dict(current)
+        merged_value = merged
+        for p in rest[:-1]:
+            merged_value = merged_value.setdefault(p, {})
+            if not isinstance(merged_value, dict):
+                raise ConfigError(f"cannot set a key inside the non-mapping value at {p!r}")
+        merged_value[rest[-1]] = value
+        return {head: merged}
+    return {head: _nest(current, rest, value, f"{prefix}{head}.")}
+
+
+def _merge(base: Any, data: Any, prefix: str) -> Any:
+    """`base` (a dataclass instance) with the keys of mapping `data` replaced, recursively."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    hints = _hints(type(base))
+    updates = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r}; valid keys at {where}: "
+                              f"{', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            updates[key] = _merge(getattr(base, key), value if value is not None else {},
+                                  dotted + ".")
+        else:
+            updates[key] = _coerce(value, tp, dotted)
+            choices = fields[key].metadata.get("choices")
+            if choices and updates[key] not in choices:
+                raise ConfigError(f"{dotted}: {updates[key]!r} is not one of "
+                                  f"{', '.join(repr(c) for c in choices)}")
+    return dataclasses.replace(base, **updates)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked (and minimally converted) against type annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got "
+                              f"{type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping ({_type_name(tp)}), got "
+                              f"{type(value).__name__} {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_coerce(k, key_tp, f"{key} (key)"): _coerce(v, val_tp, f"{key}.{k}")
+                for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_float(value)          # 1e5 / "1e5" / 100000.0 -> 100000
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        number = _as_float(value)          # YAML 1.1 reads `1e-3` as a string
+        if number is not None:
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)              # e.g. run.name=2024
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
