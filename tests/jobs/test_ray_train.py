@@ -83,12 +83,17 @@ def mf_worker(config: dict, ctx) -> dict:
             {"start_epoch": start_epoch, "assignment": assignment.tolist()}))
 
     epochs, batch_size = config["train"]["epochs"], config["data"]["batch_size"]
+    fail_rank, marker = config["test"].get("fail_rank"), work / "failed_once"
     for epoch in range(start_epoch, epochs):
         total, count = torch.zeros(()), torch.zeros(())
-        for batch in ctx.iter_batches("train", batch_size, epoch):
-            users = torch.from_numpy(batch["user_id"])
-            items = torch.from_numpy(batch["item_id"])
-            label = torch.from_numpy(batch["label"])
+        for step, batch in enumerate(ctx.iter_batches("train", batch_size, epoch)):
+            if fail_rank == ctx.rank and epoch == 1 and step == 3 and not marker.exists():
+                ctx.wait_committed()                      # epoch 0's checkpoint is registered
+                marker.write_text(str(os.getpid()))
+                os._exit(1)                               # a hard crash mid-epoch: no cleanup
+            users = torch.tensor(batch["user_id"])
+            items = torch.tensor(batch["item_id"])
+            label = torch.tensor(batch["label"])
             loss = torch.nn.functional.mse_loss(model(users, items), label)
             optimizer.zero_grad()
             loss.backward()
@@ -108,11 +113,6 @@ def mf_worker(config: dict, ctx) -> dict:
                 (pathlib.Path(tmp) / "meta.json").write_text(json.dumps({"epoch": epoch}))
                 checkpoint_dir = tmp
             ctx.report({"epoch": epoch, "train_mse": losses[-1]}, checkpoint_dir=checkpoint_dir)
-        fail_rank = config["test"].get("fail_rank")
-        marker = work / "failed_once"
-        if fail_rank == ctx.rank and epoch == 0 and not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os._exit(1)                                   # a hard crash: no cleanup, no report
     return {"train_mse": losses[-1], "losses": losses, "epochs": len(losses),
             "assignment": assignment.tolist(), "rows_per_rank": ctx.dataset_rows["train"] // ctx.world_size}
 
