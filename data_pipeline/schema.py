@@ -89,7 +89,7 @@ def validate_values(columns: Mapping[str, np.ndarray], where: str, row_offset: i
         if bad.size:
             i = int(bad[0])
             raise DataError(f"{where}: column '{name}' row {row_offset + i}: {what} "
-                            f"{values[i]!r} ({bad.size} such rows)")
+                            f"{values[i].item()!r} ({bad.size} such rows)")
 
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:

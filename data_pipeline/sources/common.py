@@ -42,7 +42,8 @@ def read_delimited(path: pathlib.Path, *, delimiter: str, column_names: Sequence
     read_options = pacsv.ReadOptions(column_names=list(column_names), skip_rows=int(header),
                                      block_size=BLOCK_BYTES)
     parse_options = pacsv.ParseOptions(delimiter=delimiter)
-    convert_options = pacsv.ConvertOptions(column_types=dict(types), include_columns=list(types))
+    convert_options = pacsv.ConvertOptions(column_types=dict(types), include_columns=list(types),
+                                            null_values=[""])
     stream = pa.BufferReader(data) if data is not None else pa.OSFile(str(path))
     batches = []
     try:
@@ -108,12 +109,12 @@ def check_raw(table: pa.Table, path: pathlib.Path, *, id_columns: Sequence[str],
     labels = table.column(label_column).to_numpy()
     bad = np.flatnonzero(~np.isfinite(labels))
     if bad.size:
-        raise DataError(f"{where(label_column, int(bad[0]))}: label {labels[bad[0]]!r} is not finite")
+        raise DataError(f"{where(label_column, int(bad[0]))}: label {labels[bad[0]]:g} is not finite")
     if label_kind == "click":
         bad = np.flatnonzero((labels != 0) & (labels != 1))
         if bad.size:
             raise DataError(f"{where(label_column, int(bad[0]))}: click label must be 0 or 1, "
-                            f"got {labels[bad[0]]!r}")
+                            f"got {labels[bad[0]]:g}")
 
 
 def build_dataset(out: str | os.PathLike, *, user: pa.ChunkedArray, item: pa.ChunkedArray,

@@ -65,7 +65,8 @@ def _batches(files: list[pathlib.Path], bar):
         stream = pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None)
         read_options = pacsv.ReadOptions(column_names=NAMES, block_size=BLOCK_BYTES)
         parse_options = pacsv.ParseOptions(delimiter="\t", quote_char=False)
-        convert_options = pacsv.ConvertOptions(column_types=TYPES, strings_can_be_null=True)
+        convert_options = pacsv.ConvertOptions(column_types=TYPES, strings_can_be_null=True,
+                                                null_values=[""])
         row = 0
         try:
             reader = pacsv.open_csv(stream, read_options=read_options, parse_options=parse_options,

@@ -87,7 +87,7 @@ def prepare_csv(src: str | os.PathLike, out: str | os.PathLike, *, columns: Mapp
             bad = np.flatnonzero(~np.isfinite(values))
             if bad.size:
                 raise DataError(f"{path}: column '{column}' row {int(bad[0])}: value "
-                                f"{values[bad[0]]!r} is not finite")
+                                f"{values[bad[0]]:g} is not finite")
     timestamp = (table.column(columns["timestamp"]).to_numpy() if "timestamp" in columns
                  else np.arange(table.num_rows, dtype=np.int64))
     return build_dataset(
