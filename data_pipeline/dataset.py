@@ -31,6 +31,7 @@ from data_pipeline.errors import DataError
 ROW_GROUP_ROWS = 131_072
 FILE_ROWS = 8 * ROW_GROUP_ROWS
 FORMAT_VERSION = 1
+PROGRESS_DELAY_S = 2.0            # progress bars appear only on conversions longer than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ def write_dataset(out_tmp: pathlib.Path, columns: Mapping[str, np.ndarray],
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "rows"):
-    """A tqdm bar on stderr that appears only once the work has run for 2 s."""
+    """A tqdm bar on stderr that appears only once the work has run for PROGRESS_DELAY_S."""
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                mininterval=1.0, delay=2.0, leave=False, dynamic_ncols=True)
+                mininterval=1.0, delay=PROGRESS_DELAY_S, leave=False, dynamic_ncols=True)

@@ -66,3 +66,13 @@ def test_bad_parameters(tmp_path):
         generate_synthetic(tmp_path / "x", users=0)
     with pytest.raises(DataError, match="unknown synthetic parameters"):
         generate_synthetic(tmp_path / "x", colors=3)
+
+
+def test_progress_bar_on_stderr_only_for_long_work(tmp_path, capsys, monkeypatch):
+    import data_pipeline.dataset as dataset
+    generate_synthetic(tmp_path / "quick", users=50, items=40, interactions=1000, clusters=2)
+    assert "synth" not in capsys.readouterr().err          # short work: no bar
+    monkeypatch.setattr(dataset, "PROGRESS_DELAY_S", 0.0)  # as if the work took long
+    generate_synthetic(tmp_path / "long", users=50, items=40, interactions=1000, clusters=2)
+    captured = capsys.readouterr()
+    assert "synth" in captured.err and "rows" in captured.err and captured.out == ""
