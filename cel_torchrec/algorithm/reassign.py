@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cel_torchrec.algorithm.ops import segment_sum
 
 
 @dataclass(frozen=True)
@@ -32,16 +31,23 @@ def accumulate_candidate_losses(loss_matrix: torch.Tensor, slot_of_entity: torch
 
 
 def mf_sufficient_stats(x: torch.Tensor, residual: torch.Tensor, slots: torch.Tensor,
-                        num_slots: int, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        num_slots: int, chunk_rows: int = 8192,
+                        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-entity sufficient statistics of a dot-product model whose prediction is linear in the
     entity's embedding: `pred = x . c + const`, `residual = y - const`. Returns `sum r^2 [n]`,
-    `sum r x [n, D]`, `sum x x^T [n, D, D]` over each entity's interactions."""
+    `sum r x [n, D]`, `sum x x^T [n, D, D]` over each entity's interactions. With `out`, the
+    statistics are added into those tensors in place (accumulation over batches)."""
     keep = slots >= 0
     x, residual, slots = x[keep].double(), residual[keep].double(), slots[keep]
-    s_rr = segment_sum(residual * residual, slots, num_slots)
-    s_rx = segment_sum(residual[:, None] * x, slots, num_slots)
     d = x.shape[1]
-    s_xx = torch.zeros(num_slots, d, d, dtype=torch.float64, device=x.device)
+    if out is None:
+        out = (torch.zeros(num_slots, dtype=torch.float64, device=x.device),
+               torch.zeros(num_slots, d, dtype=torch.float64, device=x.device),
+               torch.zeros(num_slots, d, d, dtype=torch.float64, device=x.device))
+    s_rr, s_rx, s_xx = out
+    s_rr.index_add_(0, slots, residual * residual)
+    s_rx.index_add_(0, slots, residual[:, None] * x)
     for start in range(0, x.shape[0], chunk_rows):   # row chunks bound the [rows, D, D] temporary
         xc = x[start:start + chunk_rows]
         s_xx.index_add_(0, slots[start:start + chunk_rows], xc[:, :, None] * xc[:, None, :])
@@ -53,7 +59,7 @@ def mf_loss_matrix(s_rr: torch.Tensor, s_rx: torch.Tensor, s_xx: torch.Tensor,
     """Closed-form summed squared error `[n, M]` of every entity under every cluster row:
     `L(k) = sum r^2 - 2 c_k . sum r x + c_k^T (sum x x^T) c_k`, in O(n M D^2) without data."""
     c = cluster_rows.double()
-    quad = torch.einsum("nde,ke,kd->nk", s_xx, c, c)
+    quad = ((s_xx @ c.T) * c.T[None]).sum(dim=1)      # [n, D, M] -> [n, M]; no n*D*D*M temporary
     return s_rr[:, None] - 2.0 * s_rx @ c.T + quad
 
 

@@ -1,0 +1,74 @@
+"""The one place that chooses device and process-group backend (nccl on GPUs, gloo on CPU)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None          # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def choose_backend(requested: str = "auto", cuda: bool | None = None) -> str:
+    """`auto` -> nccl when CUDA is available, else gloo."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested not in ("nccl", "gloo"):
+        raise ValueError(f"dist.backend must be auto|nccl|gloo, got {requested!r}")
+    if requested == "nccl" and not cuda:
+        raise ValueError("dist.backend=nccl needs CUDA devices")
+    return requested
+
+
+def init_distributed(requested_backend: str = "auto") -> DistEnv:
+    """Join the process group described by torchrun/Ray Train environment variables (or the one
+    Ray Train already created); a plain single process gets no process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    elif world_size > 1:
+        backend = choose_backend(requested_backend, cuda)
+        dist.init_process_group(backend=backend)
+    else:
+        backend = None
+    if cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   backend=backend)
+
+
+def all_reduce_(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce across ranks (no-op on a single process)."""
+    if env.distributed:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

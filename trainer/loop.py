@@ -1,0 +1,474 @@
+"""The training recipe: setup / train / evaluate / save_checkpoint / cleanup, readable top to
+bottom. One step: Parquet batch -> KJT -> embedding collection (CEL remaps ids to clusters) ->
+interaction model -> loss -> backward (cluster rows get averaged gradients; split windows record
+per-entity gradients) -> optimizer step -> at scheduled safe points, split / reassign."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from cel_torchrec.algorithm import REASSIGN, SPLIT, ClusterSchedule
+from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringConfig,
+                                  FullEmbeddingBagCollection, HashedEmbeddingBagCollection,
+                                  QREmbeddingBagCollection)
+from data_pipeline.collate import to_kjt
+from data_pipeline.dataset import load_meta, load_train_counts
+from trainer.config import TrainConfig, config_to_dict
+from trainer.dist import DistEnv, all_reduce_, barrier
+from trainer.metrics import MetricAccumulator, cluster_size_histogram
+from trainer.models import build_model, embedding_dim_for
+from trainer.phases import TABLE_FEATURE, per_sample_loss, run_reassignment, run_split
+from trainer.tracking import build_loggers
+
+CONFIG_KEY_OF_TABLE = {"user": "users", "item": "items"}
+
+
+# ----------------------------------------------------------------------------- building blocks
+def resolve_dataset(cfg: TrainConfig, env: DistEnv) -> pathlib.Path:
+    """The prepared dataset directory; the synthetic one is built once (rank 0) and cached."""
+    if cfg.data.kind == "path":
+        if not cfg.data.path:
+            raise ValueError("data.kind=path needs data.path (a prepared dataset directory)")
+        path = pathlib.Path(cfg.data.path)
+        if not (path / "meta.json").exists():
+            raise FileNotFoundError(f"{path}: not a prepared dataset (no meta.json); run "
+                                    f"`python -m data_pipeline prepare ...` first")
+        return path
+    if cfg.data.kind != "synthetic":
+        raise ValueError(f"data.kind must be synthetic|path, got {cfg.data.kind!r}")
+    from data_pipeline.synthetic import ensure_synthetic
+    s = cfg.data.synthetic
+    params = dict(users=s.users, items=s.items, interactions=s.interactions, clusters=s.clusters,
+                  seed=s.seed, label=s.label)
+    if env.is_main:
+        path = ensure_synthetic(cfg.data.cache_dir, **params)
+    barrier(env)
+    if not env.is_main:
+        path = ensure_synthetic(cfg.data.cache_dir, **params)   # cached: just resolves the path
+    return pathlib.Path(path)
+
+
+def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
+                               device: torch.device) -> torch.nn.Module:
+    """The entity embedding collection chosen by `embedding.method` (cel | full | hash | qr)."""
+    dim = embedding_dim_for(cfg.model)
+    tables = [EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=num_users,
+                                 feature_names=["user_id"]),
+              EmbeddingBagConfig(name="item", embedding_dim=dim, num_embeddings=num_items,
+                                 feature_names=["item_id"])]
+    method = cfg.embedding.method
+    if method == "cel":
+        clustering = {}
+        for table, key in CONFIG_KEY_OF_TABLE.items():
+            c = getattr(cfg.cel, key)
+            if c.enabled:
+                clustering[table] = ClusteringConfig(
+                    max_clusters=c.max_clusters, init_clusters=c.init_clusters,
+                    grad_average=c.grad_average, split_criterion=c.split_criterion,
+                    split_method=c.split_method, splits_per_event=c.splits_per_event)
+        emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
+    elif method == "full":
+        emb = FullEmbeddingBagCollection(tables=tables, device=device)
+    elif method == "hash":
+        emb = HashedEmbeddingBagCollection(tables, _per_table(cfg.embedding.hash_buckets), device=device)
+    elif method == "qr":
+        emb = QREmbeddingBagCollection(tables, _per_table(cfg.embedding.qr_collisions), device=device)
+    else:
+        raise ValueError(f"embedding.method must be cel|full|hash|qr, got {method!r}")
+    _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed, bias_column=cfg.model.name == "mf")
+    return emb
+
+
+def _per_table(by_key: dict[str, int]) -> dict[str, int]:
+    """Config dicts are keyed users/items (or user/item); tables are named user/item."""
+    out = {}
+    for k, v in by_key.items():
+        table = {"users": "user", "items": "item"}.get(k, k)
+        if table not in ("user", "item"):
+            raise ValueError(f"unknown table {k!r}: use users or items")
+        out[table] = int(v)
+    return out
+
+
+@torch.no_grad()
+def _init_embeddings(emb: torch.nn.Module, std: float, seed: int, bias_column: bool) -> None:
+    """N(0, std) rows (deterministic by seed); MF's bias column starts at zero."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(emb.named_parameters()):
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+        if bias_column and p.dim() == 2 and "__q" not in name and "__r" not in name:
+            p[:, -1] = 0.0
+
+
+class BatchSource:
+    """This rank's training or evaluation batches, as (KJT, dense, label) on the device."""
+
+    def __init__(self, make_iter: Callable[[int], Iterator[dict]], device: torch.device):
+        self._make_iter = make_iter
+        self._device = device
+
+    def epoch(self, epoch: int) -> Iterator[tuple]:
+        for batch in self._make_iter(epoch):
+            kjt, dense, label = to_kjt(batch)
+            yield (kjt.to(self._device), None if dense is None else dense.to(self._device),
+                   label.to(self._device))
+
+
+def local_source(path: pathlib.Path, batch_size: int, env: DistEnv, shuffle: bool,
+                 seed: int) -> BatchSource:
+    from data_pipeline.local import ParquetBatchReader
+    reader = ParquetBatchReader(str(path), batch_size=batch_size, rank=env.rank,
+                                world_size=env.world_size, shuffle=shuffle, seed=seed)
+
+    def make(epoch: int):
+        reader.set_epoch(epoch)
+        return iter(reader)
+    return BatchSource(make, env.device)
+
+
+# ----------------------------------------------------------------------------- the recipe
+class TrainRecipe:
+    """setup() -> train() -> cleanup(); save_checkpoint() at epoch ends and every
+    `run.checkpoint_every_steps`. `ray_ctx` (from jobs.ray_train) supplies data shards and
+    checkpoint reporting when running under Ray Train."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, ray_ctx: Any = None):
+        self.cfg = cfg
+        self.env = env
+        self.ray_ctx = ray_ctx
+        self.step = 0
+        self.epoch = 0
+        self.phase_seconds = {"split": 0.0, "reassign": 0.0}
+        self._phase_totals: dict[str, float] = {}
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.train.seed)
+        self.run_dir = self._run_dir()
+        self.data_dir = resolve_dataset(cfg, env)
+        self.meta = load_meta(self.data_dir)
+        self.user_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "users")))
+        self.item_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "items")))
+        self.emb = build_embedding_collection(cfg, self.meta.num_users, self.meta.num_items, env.device)
+        self.model = build_model(cfg.model).to(env.device)
+        if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
+            self.model.set_global_bias(self._train_label_mean())
+        self.is_cel = isinstance(self.emb, ClusteredEmbeddingBagCollection)
+        self.optimizer = self._optimizer()
+        self.schedule = ClusterSchedule(
+            split_interval=cfg.cel.split_interval, split_until=cfg.cel.split_until,
+            reassign_rule=cfg.cel.reassign_rule, reassign_period=cfg.cel.reassign_period,
+            reassign_at=tuple(cfg.cel.reassign_at) if cfg.cel.reassign_at is not None else None,
+            unit=cfg.cel.interval_unit, freeze_after=cfg.cel.freeze_after)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.train_source = self._source("train", cfg.data.batch_size, shuffle=True)
+        self.val_source = self._source("val", cfg.data.eval_batch_size, shuffle=False)
+        # the reassignment pass reads this rank's training share in large, unshuffled batches
+        self.reassign_source = local_source(self.data_dir / "train", cfg.data.eval_batch_size,
+                                            env, shuffle=False, seed=cfg.train.seed)
+        self.logger = build_loggers(cfg.tracking, str(self.run_dir), config_to_dict(cfg), env.rank)
+        self.logger.log_config(config_to_dict(cfg))
+        self.jsonl_phases = self.run_dir / "phases.jsonl"
+        resumed = self._maybe_resume()
+        if self.is_cel and not resumed:
+            for table in self.emb.clustered_tables:
+                self.emb.begin_split_window(table)
+        if env.is_main:
+            print(f"[train] run dir {self.run_dir}  data {self.data_dir}  "
+                  f"users {self.meta.num_users:,} items {self.meta.num_items:,} "
+                  f"train rows {self.meta.splits.get('train', 0):,}  method {cfg.embedding.method} "
+                  f"model {cfg.model.name}  embedding bytes {self.emb.embedding_bytes():,}"
+                  + ("  (resumed at step %d)" % self.step if resumed else ""), flush=True)
+
+    def _run_dir(self) -> pathlib.Path:
+        name = self.cfg.run.name or time.strftime("run-%Y%m%d-%H%M%S")
+        path = pathlib.Path(self.cfg.run.dir) / name
+        if self.env.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _source(self, split: str, batch_size: int, shuffle: bool) -> BatchSource:
+        if self.ray_ctx is not None and split == "train" and self.cfg.data.reader == "ray":
+            return BatchSource(lambda epoch: self.ray_ctx.iter_batches(split, batch_size, epoch),
+                               self.env.device)
+        return local_source(self.data_dir / split, batch_size, self.env, shuffle, self.cfg.train.seed)
+
+    def _train_label_mean(self) -> float:
+        import pyarrow.dataset as ds
+        labels = ds.dataset(str(self.data_dir / "train"), format="parquet").to_table(
+            columns=["label"]).column("label").to_numpy()
+        return float(np.mean(labels)) if labels.size else 0.0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = list(self.emb.parameters()) + list(self.model.parameters())
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adagrad":
+            return torch.optim.Adagrad(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        raise ValueError(f"train.optimizer must be adam|adagrad|sgd, got {t.optimizer!r}")
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        cfg, env = self.cfg, self.env
+        max_steps = cfg.train.max_steps
+        log_every = cfg.tracking.log_every_steps
+        t_start = time.perf_counter()
+        samples = 0
+        while self.epoch < cfg.train.epochs and (max_steps is None or self.step < max_steps):
+            self.emb.train(), self.model.train()
+            epoch_loss, epoch_batches = 0.0, 0
+            for kjt, dense, label in self._synchronised(self.train_source.epoch(self.epoch)):
+                loss = self._train_step(kjt, dense, label)
+                epoch_loss += loss
+                epoch_batches += 1
+                samples += label.numel() * env.world_size
+                self.step += 1
+                if self.cfg.cel.interval_unit == "step":
+                    self._cluster_phases(self.step)
+                if log_every and self.step % log_every == 0:
+                    elapsed = time.perf_counter() - t_start
+                    self.logger.log({"train_loss": loss, "epoch": self.epoch,
+                                     "samples_per_s": samples / max(elapsed, 1e-9),
+                                     **self._cluster_counts(), **self._phase_totals},
+                                    step=self.step)
+                if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
+                    self._log_eval()
+                if cfg.run.checkpoint_every_steps and self.step % cfg.run.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                if max_steps is not None and self.step >= max_steps:
+                    break
+            self.epoch += 1
+            if self.cfg.cel.interval_unit == "epoch":
+                self._cluster_phases(self.epoch)
+            self.train_seconds += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            samples = 0
+            val = self._log_eval(extra={"train_loss_epoch": epoch_loss / max(epoch_batches, 1)})
+            self.save_checkpoint(report_metrics=val)
+        return self.finish()
+
+    def _synchronised(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """Stop every rank as soon as one rank runs out of batches (equal step counts keep the
+        collectives of sharded training and cluster phases aligned)."""
+        if not self.env.distributed:
+            yield from batches
+            return
+        it = iter(batches)
+        while True:
+            item = next(it, None)
+            have = torch.tensor([0 if item is None else 1])
+            all_reduce_(have, self.env, op="min")
+            if int(have) == 0:
+                return
+            yield item
+
+    def _train_step(self, kjt, dense, label) -> float:
+        embs = self.emb(kjt).to_dict()
+        pred = self.model(embs, dense)
+        losses = per_sample_loss(pred, label, self.cfg.train.loss)
+        loss = losses.mean()
+        if self.cfg.train.l2:
+            loss = loss + self.cfg.train.l2 * sum((e * e).sum(1).mean() for e in embs.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.is_cel:
+            self.emb.observe_losses(losses.detach())
+        return float(losses.detach().mean())
+
+    def _cluster_phases(self, t: int) -> None:
+        if not self.is_cel:
+            return
+        actions = self.schedule.actions(t)
+        if not actions:
+            return
+        reports = []
+        for table in self.emb.clustered_tables:
+            if SPLIT in actions and self.emb.cluster_states[table].num_active < \
+                    self.emb.cluster_states[table].capacity:
+                reports.append(run_split(self.emb, table, self.optimizer))
+            if REASSIGN in actions:
+                key = CONFIG_KEY_OF_TABLE[table]
+                _, rep = run_reassignment(
+                    self.emb, self.model, self.reassign_source.epoch(0), table,
+                    loss=self.cfg.train.loss, env=self.env,
+                    keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
+                    optimizer=self.optimizer)
+                reports.append(rep)
+        for rep in reports:
+            self.phase_seconds[rep.kind] += rep.seconds
+            if self.env.is_main:
+                with open(self.jsonl_phases, "a") as f:
+                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "kind": rep.kind,
+                                        "table": rep.table, "seconds": rep.seconds,
+                                        "num_clusters": rep.num_clusters, **rep.detail}) + "\n")
+        for rep in reports:     # per-event detail goes to phases.jsonl; totals to the logger
+            self._phase_totals[f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}"] = \
+                self._phase_totals.get(f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}", 0.0) + rep.seconds
+
+    def _cluster_counts(self) -> dict:
+        if not self.is_cel:
+            return {}
+        return {f"num_clusters_{CONFIG_KEY_OF_TABLE[t]}": self.emb.cluster_states[t].num_active
+                for t in self.emb.clustered_tables}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict:
+        self.emb.eval(), self.model.eval()
+        acc = MetricAccumulator(kind="rating" if self.cfg.train.loss == "mse" else "click",
+                                user_train_counts=self.user_counts,
+                                item_train_counts=self.item_counts,
+                                cold_threshold=self.cfg.data.cold_threshold)
+        source = self.val_source if split == "val" else self._source(split, self.cfg.data.eval_batch_size, False)
+        for kjt, dense, label in source.epoch(0):
+            pred = self.model(self.emb(kjt).to_dict(), dense)
+            acc.update(pred.cpu(), label.cpu(), kjt["user_id"].values().cpu(),
+                       kjt["item_id"].values().cpu())
+        metrics = acc.compute()
+        if self.env.distributed:
+            metrics = self._reduce_eval(acc)
+        self.emb.train(), self.model.train()
+        return {f"{split}_{k}": v for k, v in metrics.items()}
+
+    def _reduce_eval(self, acc) -> dict:
+        """Combine ranks' evaluation shares by gathering predictions (evaluation is small)."""
+        import torch.distributed as dist
+        gathered = [None] * self.env.world_size
+        dist.all_gather_object(gathered, acc.state())
+        return type(acc).from_states(gathered).compute()
+
+    def _log_eval(self, extra: dict | None = None) -> dict:
+        val = self.evaluate("val")
+        record = {**val, **(extra or {}), "epoch": self.epoch,
+                  "embedding_bytes": self.emb.embedding_bytes(), **self._cluster_counts()}
+        if self.is_cel:
+            for t in self.emb.clustered_tables:
+                st = self.emb.cluster_states[t]
+                hist = cluster_size_histogram(st.assignment, st.num_active)
+                record[f"cluster_sizes_{CONFIG_KEY_OF_TABLE[t]}"] = hist.get("sizes", [])
+        self.logger.log(record, step=self.step)
+        self.history.append({k: v for k, v in record.items() if not isinstance(v, (list, tuple))})
+        return val
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_dir(self) -> pathlib.Path:
+        return self.run_dir / "checkpoint"
+
+    def checkpoint_state(self) -> dict:
+        return {"emb": self.emb.state_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "phase_seconds": self.phase_seconds, "train_seconds": self.train_seconds,
+                "history": self.history,
+                "windows": self._window_state()}
+
+    def _window_state(self) -> dict:
+        if not self.is_cel:
+            return {}
+        out = {}
+        for t in self.emb.clustered_tables:
+            cand, entities, grads = self.emb.window_gradients(t)
+            out[t] = {"candidates": cand, "entities": entities, "grads": grads}
+        return out
+
+    def save_checkpoint(self, report_metrics: dict | None = None) -> pathlib.Path | None:
+        """Atomic: written to a temporary directory, then renamed over the previous one."""
+        path = self._checkpoint_dir()
+        if self.env.is_main:
+            tmp = path.with_name("checkpoint.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(self.checkpoint_state(), tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch}))
+            old = path.with_name("checkpoint.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        barrier(self.env)
+        if self.ray_ctx is not None:
+            self.ray_ctx.report({**(report_metrics or {}), "step": self.step, "epoch": self.epoch},
+                                checkpoint_dir=str(path) if self.env.is_main else None)
+        return path
+
+    def _maybe_resume(self) -> bool:
+        candidates = []
+        if self.ray_ctx is not None:
+            d = self.ray_ctx.latest_checkpoint_dir()
+            if d:
+                candidates.append(pathlib.Path(d))
+        if self.cfg.run.resume:
+            candidates.append(self._checkpoint_dir())
+        for d in candidates:
+            f = d / "state.pt"
+            if f.exists():
+                self.load_checkpoint(f)
+                return True
+        return False
+
+    def load_checkpoint(self, file: pathlib.Path) -> None:
+        state = torch.load(file, map_location=self.env.device, weights_only=False)
+        self.emb.load_state_dict(state["emb"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.phase_seconds = state["phase_seconds"]
+        self.train_seconds = state["train_seconds"]
+        self.history = state["history"]
+        if self.is_cel:
+            for t, w in state["windows"].items():
+                self.emb.restore_split_window(t, w["candidates"], w["entities"], w["grads"])
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        final = self.evaluate("val")
+        metrics = {**final,
+                   "embedding_bytes": self.emb.embedding_bytes(),
+                   "train_time_s": self.train_seconds,
+                   "split_time_s": self.phase_seconds["split"],
+                   "reassign_time_s": self.phase_seconds["reassign"],
+                   "steps": self.step, "epochs": self.epoch,
+                   "method": self.cfg.embedding.method, "model": self.cfg.model.name,
+                   **self._cluster_counts()}
+        rmse_key = "val_rmse" if "val_rmse" in final else None
+        if rmse_key and self.history:
+            best = min((h for h in self.history if rmse_key in h), key=lambda h: h[rmse_key], default=None)
+            if best:
+                metrics["best_val_rmse"] = best[rmse_key]
+        if self.env.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+        self.logger.log_summary(metrics)
+        return metrics
+
+    def cleanup(self) -> None:
+        self.logger.close()
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out

@@ -1,0 +1,44 @@
+"""Train CEL (or a baseline) on one process or several.
+
+    python -m trainer.main --config configs/synthetic_small.yaml [key=value ...]
+    torchrun --nproc_per_node=2 -m trainer.main --config configs/synthetic_small.yaml
+    python -m trainer.main --config configs/ml100k_mf.yaml embedding.method=full
+
+Prints the run directory and a final metrics table; writes RUN_DIR/metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.config import load_config
+from trainer.worker import run_worker
+
+
+def format_metrics(metrics: dict) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())
+            if not isinstance(v, (list, dict))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    metrics = run_worker(cfg)
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[train] final metrics:\n" + format_metrics(metrics), flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,24 @@
+"""`run_worker(config)`: the one worker function behind `python -m trainer.main`, torchrun,
+Ray Train and the tests."""
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.dist import init_distributed
+from trainer.loop import TrainRecipe
+
+
+def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
+    """Join the process group if launched as several processes, train, evaluate, and return the
+    final metrics (rank 0 also writes RUN_DIR/metrics.json)."""
+    env = init_distributed(cfg.dist.backend)
+    recipe = TrainRecipe(cfg, env, ray_ctx=ray_ctx)
+    recipe.setup()
+    try:
+        metrics = recipe.train()
+    finally:
+        recipe.cleanup()
+    if env.is_main:
+        print(f"[train] metrics written to {recipe.run_dir / 'metrics.json'}", flush=True)
+    return metrics
