@@ -255,11 +255,11 @@ class TrainRecipe:
             self.epoch += 1
             if self.cfg.cel.interval_unit == "epoch":
                 self._cluster_phases(self.epoch)
-            self.train_seconds += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            samples = 0
+            self.train_seconds += time.perf_counter() - t_start   # evaluation is not counted
             val = self._log_eval(extra={"train_loss_epoch": epoch_loss / max(epoch_batches, 1)})
             self.save_checkpoint(report_metrics=val)
+            t_start = time.perf_counter()
+            samples = 0
         return self.finish()
 
     def _synchronised(self, batches: Iterator[tuple]) -> Iterator[tuple]:
@@ -356,6 +356,7 @@ class TrainRecipe:
     def _log_eval(self, extra: dict | None = None) -> dict:
         val = self.evaluate("val")
         record = {**val, **(extra or {}), "epoch": self.epoch,
+                  "train_time_s": self.train_seconds,
                   "embedding_bytes": self.emb.embedding_bytes(), **self._cluster_counts()}
         if self.is_cel:
             for t in self.emb.clustered_tables:
@@ -454,6 +455,9 @@ class TrainRecipe:
             best = min((h for h in self.history if rmse_key in h), key=lambda h: h[rmse_key], default=None)
             if best:
                 metrics["best_val_rmse"] = best[rmse_key]
+                metrics["best_val_rmse_cold"] = best.get("val_rmse_cold")
+                metrics["time_to_best_s"] = best.get("train_time_s")
+                metrics["best_epoch"] = best.get("epoch")
         if self.env.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
         self.logger.log_summary(metrics)
