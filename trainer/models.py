@@ -20,11 +20,12 @@ MODEL_NAMES = ("mf", "neumf", "two_tower")
 
 
 def embedding_dim_for(model_cfg) -> int:
-    """Width of the embedding tables the model reads: MF adds one bias column to d."""
+    """Width of the embedding tables the model reads: MF adds one bias column to d, rounded up
+    to a multiple of 4 (FBGEMM's table kernels need it; padding columns start and stay zero)."""
     _check_name(model_cfg.name)
     d = int(model_cfg.embedding_dim)
     if model_cfg.name == "mf":
-        return d + 1
+        return -(-(d + 1) // 4) * 4
     if model_cfg.name == "neumf" and d < 2:
         raise ValueError("model.embedding_dim must be >= 2 for neumf (GMF and MLP halves)")
     return d

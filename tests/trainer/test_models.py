@@ -20,7 +20,8 @@ def embeddings(batch, width, requires_grad=False, seed=0):
 
 
 def test_embedding_dim_for():
-    assert embedding_dim_for(cfg("mf", d=8)) == 9
+    assert embedding_dim_for(cfg("mf", d=8)) == 12      # d + bias, padded to a multiple of 4
+    assert embedding_dim_for(cfg("mf", d=7)) == 8
     assert embedding_dim_for(cfg("neumf", d=8)) == 8
     assert embedding_dim_for(cfg("two_tower", d=8)) == 8
     with pytest.raises(ValueError, match="model.name"):
