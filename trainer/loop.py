@@ -84,7 +84,9 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
         emb = QREmbeddingBagCollection(tables, _per_table(cfg.embedding.qr_collisions), device=device)
     else:
         raise ValueError(f"embedding.method must be cel|full|hash|qr, got {method!r}")
-    _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed, bias_column=cfg.model.name == "mf")
+    # MF: bias column d (and FBGEMM alignment padding after it) starts at zero
+    _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed,
+                     zero_from=cfg.model.embedding_dim if cfg.model.name == "mf" else None)
     return emb
 
 
@@ -100,13 +102,13 @@ def _per_table(by_key: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def _init_embeddings(emb: torch.nn.Module, std: float, seed: int, bias_column: bool) -> None:
-    """N(0, std) rows (deterministic by seed); MF's bias column starts at zero."""
+def _init_embeddings(emb: torch.nn.Module, std: float, seed: int, zero_from: int | None) -> None:
+    """N(0, std) rows (deterministic by seed); columns from `zero_from` on start at zero."""
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(emb.named_parameters()):
         p.copy_(torch.randn(p.shape, generator=g) * std)
-        if bias_column and p.dim() == 2 and "__q" not in name and "__r" not in name:
-            p[:, -1] = 0.0
+        if zero_from is not None and p.dim() == 2 and "__q" not in name and "__r" not in name:
+            p[:, zero_from:] = 0.0
 
 
 class BatchSource:
@@ -161,11 +163,19 @@ class TrainRecipe:
         self.meta = load_meta(self.data_dir)
         self.user_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "users")))
         self.item_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "items")))
-        self.emb = build_embedding_collection(cfg, self.meta.num_users, self.meta.num_items, env.device)
-        self.model = build_model(cfg.model).to(env.device)
+        unsharded = build_embedding_collection(cfg, self.meta.num_users, self.meta.num_items,
+                                               env.device)
+        self.embedding_bytes = unsharded.embedding_bytes()
+        self.is_cel = isinstance(unsharded, ClusteredEmbeddingBagCollection)
+        self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
         if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
             self.model.set_global_bias(self._train_label_mean())
-        self.is_cel = isinstance(self.emb, ClusteredEmbeddingBagCollection)
+        if env.distributed:
+            # self.emb: what the forward pass calls; self.cel: what cluster phases drive
+            self.emb, self.cel = self._shard(unsharded)
+        else:
+            self.emb = unsharded
+            self.cel = unsharded if self.is_cel else None
         self.optimizer = self._optimizer()
         self.schedule = ClusterSchedule(
             split_interval=cfg.cel.split_interval, split_until=cfg.cel.split_until,
@@ -183,13 +193,15 @@ class TrainRecipe:
         self.jsonl_phases = self.run_dir / "phases.jsonl"
         resumed = self._maybe_resume()
         if self.is_cel and not resumed:
-            for table in self.emb.clustered_tables:
-                self.emb.begin_split_window(table)
+            for table in self.cel.clustered_tables:
+                self.cel.begin_split_window(table)
         if env.is_main:
             print(f"[train] run dir {self.run_dir}  data {self.data_dir}  "
                   f"users {self.meta.num_users:,} items {self.meta.num_items:,} "
                   f"train rows {self.meta.splits.get('train', 0):,}  method {cfg.embedding.method} "
-                  f"model {cfg.model.name}  embedding bytes {self.emb.embedding_bytes():,}"
+                  f"model {cfg.model.name}  embedding bytes {self.embedding_bytes:,}"
+                  + (f"  ranks {env.world_size} ({env.backend}, {cfg.dist.sharding})"
+                     if env.distributed else "")
                   + ("  (resumed at step %d)" % self.step if resumed else ""), flush=True)
 
     def _run_dir(self) -> pathlib.Path:
@@ -211,9 +223,44 @@ class TrainRecipe:
             columns=["label"]).column("label").to_numpy()
         return float(np.mean(labels)) if labels.size else 0.0
 
+    def _shard(self, unsharded: torch.nn.Module):
+        """Shard the embedding collection over the process group (TorchRec planner + CEL
+        sharder, fused optimizer for the tables) from the unsharded module's exact weights."""
+        from cel_torchrec.distributed import clustered_modules, load_unsharded_state, shard_model
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        cfg = self.cfg
+        if cfg.embedding.method not in ("cel", "full"):
+            raise ValueError(f"embedding.method={cfg.embedding.method} runs on one process only; "
+                             f"multi-process training supports cel and full")
+        fused_types = {"adam": EmbOptimType.ADAM, "adagrad": EmbOptimType.EXACT_ADAGRAD,
+                       "sgd": EmbOptimType.EXACT_SGD}
+        if cfg.train.optimizer == "adam" and self.env.device.type == "cpu":
+            raise ValueError("train.optimizer=adam: FBGEMM's fused Adam runs on CUDA only; on CPU "
+                             "multi-process runs use train.optimizer=adagrad or sgd")
+        fused = {"optimizer": fused_types[cfg.train.optimizer], "learning_rate": cfg.train.lr,
+                 "weight_decay": cfg.train.weight_decay}
+        state = {k: v.detach().cpu().clone() for k, v in unsharded.state_dict().items()}
+        if not self.is_cel:   # the stock sharder matches the exact EmbeddingBagCollection type
+            from torchrec.modules.embedding_modules import EmbeddingBagCollection
+            plain = EmbeddingBagCollection(tables=unsharded.embedding_bag_configs(),
+                                           device=torch.device("meta"))
+            unsharded = plain
+        dmp = shard_model(unsharded, sharding_type=cfg.dist.sharding, fused_params=fused,
+                          device=self.env.device)
+        load_unsharded_state(dmp, state)
+        self.model = torch.nn.parallel.DistributedDataParallel(self.model)
+        cel = next(iter(clustered_modules(dmp).values()), None)
+        return dmp, cel
+
+    @property
+    def interaction_model(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        params = list(self.emb.parameters()) + list(self.model.parameters())
+        params = list(self.model.parameters())
+        if not self.env.distributed:        # sharded tables update in backward (fused)
+            params += list(self.emb.parameters())
         if t.optimizer == "adam":
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         if t.optimizer == "adagrad":
@@ -277,6 +324,29 @@ class TrainRecipe:
                 return
             yield item
 
+    def _padded(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """(kjt, dense, label, valid) until every rank is done: a rank that runs out repeats its
+        last batch with valid=False, so the sharded lookups' collectives stay matched and every
+        row is still read exactly once."""
+        if not self.env.distributed:
+            for item in batches:
+                yield (*item, True)
+            return
+        it, last = iter(batches), None
+        while True:
+            item = next(it, None)
+            have = torch.tensor([0 if item is None else 1])
+            all_reduce_(have, self.env, op="max")
+            if int(have) == 0:
+                return
+            if item is None:
+                if last is None:
+                    raise RuntimeError(f"rank {self.env.rank} has no evaluation data to pad with")
+                yield (*last, False)
+            else:
+                last = item
+                yield (*item, True)
+
     def _train_step(self, kjt, dense, label) -> float:
         embs = self.emb(kjt).to_dict()
         pred = self.model(embs, dense)
@@ -287,25 +357,26 @@ class TrainRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.is_cel:
-            self.emb.observe_losses(losses.detach())
+        if self.cel is not None:
+            self.cel.observe_losses(losses.detach())
         return float(losses.detach().mean())
 
     def _cluster_phases(self, t: int) -> None:
-        if not self.is_cel:
+        if self.cel is None:
             return
         actions = self.schedule.actions(t)
         if not actions:
             return
         reports = []
-        for table in self.emb.clustered_tables:
-            if SPLIT in actions and self.emb.cluster_states[table].num_active < \
-                    self.emb.cluster_states[table].capacity:
-                reports.append(run_split(self.emb, table, self.optimizer))
+        for table in self.cel.clustered_tables:
+            if SPLIT in actions and self.cel.cluster_states[table].num_active < \
+                    self.cel.cluster_states[table].capacity:
+                reports.append(run_split(self.cel, table, self.optimizer))
             if REASSIGN in actions:
                 key = CONFIG_KEY_OF_TABLE[table]
                 _, rep = run_reassignment(
-                    self.emb, self.model, self.reassign_source.epoch(0), table,
+                    self.cel, self.interaction_model,
+                    self._padded(self.reassign_source.epoch(0)), table,
                     loss=self.cfg.train.loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer)
@@ -322,10 +393,10 @@ class TrainRecipe:
                 self._phase_totals.get(f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}", 0.0) + rep.seconds
 
     def _cluster_counts(self) -> dict:
-        if not self.is_cel:
+        if self.cel is None:
             return {}
-        return {f"num_clusters_{CONFIG_KEY_OF_TABLE[t]}": self.emb.cluster_states[t].num_active
-                for t in self.emb.clustered_tables}
+        return {f"num_clusters_{CONFIG_KEY_OF_TABLE[t]}": self.cel.cluster_states[t].num_active
+                for t in self.cel.clustered_tables}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -336,10 +407,11 @@ class TrainRecipe:
                                 item_train_counts=self.item_counts,
                                 cold_threshold=self.cfg.data.cold_threshold)
         source = self.val_source if split == "val" else self._source(split, self.cfg.data.eval_batch_size, False)
-        for kjt, dense, label in source.epoch(0):
-            pred = self.model(self.emb(kjt).to_dict(), dense)
-            acc.update(pred.cpu(), label.cpu(), kjt["user_id"].values().cpu(),
-                       kjt["item_id"].values().cpu())
+        for kjt, dense, label, valid in self._padded(source.epoch(0)):
+            pred = self.interaction_model(self.emb(kjt).to_dict(), dense)
+            if valid:
+                acc.update(pred.cpu(), label.cpu(), kjt["user_id"].values().cpu(),
+                           kjt["item_id"].values().cpu())
         metrics = acc.compute()
         if self.env.distributed:
             metrics = self._reduce_eval(acc)
@@ -357,10 +429,10 @@ class TrainRecipe:
         val = self.evaluate("val")
         record = {**val, **(extra or {}), "epoch": self.epoch,
                   "train_time_s": self.train_seconds,
-                  "embedding_bytes": self.emb.embedding_bytes(), **self._cluster_counts()}
-        if self.is_cel:
-            for t in self.emb.clustered_tables:
-                st = self.emb.cluster_states[t]
+                  "embedding_bytes": self.embedding_bytes, **self._cluster_counts()}
+        if self.cel is not None:
+            for t in self.cel.clustered_tables:
+                st = self.cel.cluster_states[t]
                 hist = cluster_size_histogram(st.assignment, st.num_active)
                 record[f"cluster_sizes_{CONFIG_KEY_OF_TABLE[t]}"] = hist.get("sizes", [])
         self.logger.log(record, step=self.step)
@@ -372,31 +444,45 @@ class TrainRecipe:
         return self.run_dir / "checkpoint"
 
     def checkpoint_state(self) -> dict:
-        return {"emb": self.emb.state_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "phase_seconds": self.phase_seconds, "train_seconds": self.train_seconds,
-                "history": self.history,
-                "windows": self._window_state()}
+        """Everything but the sharded tables (which DCP writes per rank). Collective when the
+        split windows are sharded: call on every rank."""
+        state = {"model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "phase_seconds": self.phase_seconds, "train_seconds": self.train_seconds,
+                 "history": self.history, "windows": self._window_state(),
+                 "world_size": self.env.world_size}
+        if not self.env.distributed:
+            state["emb"] = self.emb.state_dict()   # tables + cluster state (assignment, counters)
+        return state
 
     def _window_state(self) -> dict:
-        if not self.is_cel:
+        if self.cel is None:
             return {}
         out = {}
-        for t in self.emb.clustered_tables:
-            cand, entities, grads = self.emb.window_gradients(t)
-            out[t] = {"candidates": cand, "entities": entities, "grads": grads}
+        for t in self.cel.clustered_tables:
+            cand, entities, grads = self.cel.window_gradients(t)
+            out[t] = {"candidates": cand.cpu(), "entities": entities.cpu(), "grads": grads.cpu()}
         return out
 
     def save_checkpoint(self, report_metrics: dict | None = None) -> pathlib.Path | None:
-        """Atomic: written to a temporary directory, then renamed over the previous one."""
+        """Atomic: written to `checkpoint.tmp/`, then renamed over `checkpoint/`. Holds the model,
+        optimizer, step, RNG and the cluster state (maps, counters, open split windows); sharded
+        runs add the tables and fused optimizer state as a DCP checkpoint in `sharded/`."""
         path = self._checkpoint_dir()
+        tmp = path.with_name("checkpoint.tmp")
+        state = self.checkpoint_state()
         if self.env.is_main:
-            tmp = path.with_name("checkpoint.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save(self.checkpoint_state(), tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch}))
+        barrier(self.env)
+        if self.env.distributed:
+            from cel_torchrec.distributed import save_checkpoint as save_sharded
+            save_sharded(self.emb, str(tmp / "sharded"))
+        if self.env.is_main:
+            torch.save(state, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
+                                                       "world_size": self.env.world_size}))
             old = path.with_name("checkpoint.old")
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():
@@ -418,15 +504,23 @@ class TrainRecipe:
         if self.cfg.run.resume:
             candidates.append(self._checkpoint_dir())
         for d in candidates:
-            f = d / "state.pt"
-            if f.exists():
-                self.load_checkpoint(f)
+            if (d / "state.pt").exists():
+                self.load_checkpoint(d)
                 return True
         return False
 
-    def load_checkpoint(self, file: pathlib.Path) -> None:
-        state = torch.load(file, map_location=self.env.device, weights_only=False)
-        self.emb.load_state_dict(state["emb"])
+    def load_checkpoint(self, directory: pathlib.Path) -> None:
+        state = torch.load(directory / "state.pt", map_location=self.env.device, weights_only=False)
+        if state.get("world_size", 1) != self.env.world_size:
+            raise ValueError(
+                f"{directory}: checkpoint written by {state.get('world_size', 1)} processes, this run "
+                f"has {self.env.world_size}; resume with the same world size, or export the tables "
+                f"with cel_torchrec.distributed.export_unsharded_state (see README)")
+        if self.env.distributed:
+            from cel_torchrec.distributed import load_checkpoint as load_sharded
+            load_sharded(self.emb, str(directory / "sharded"))
+        else:
+            self.emb.load_state_dict(state["emb"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -435,15 +529,15 @@ class TrainRecipe:
         self.phase_seconds = state["phase_seconds"]
         self.train_seconds = state["train_seconds"]
         self.history = state["history"]
-        if self.is_cel:
+        if self.cel is not None:
             for t, w in state["windows"].items():
-                self.emb.restore_split_window(t, w["candidates"], w["entities"], w["grads"])
+                self.cel.restore_split_window(t, w["candidates"], w["entities"], w["grads"])
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict:
         final = self.evaluate("val")
         metrics = {**final,
-                   "embedding_bytes": self.emb.embedding_bytes(),
+                   "embedding_bytes": self.embedding_bytes,
                    "train_time_s": self.train_seconds,
                    "split_time_s": self.phase_seconds["split"],
                    "reassign_time_s": self.phase_seconds["reassign"],
