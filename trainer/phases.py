@@ -56,9 +56,16 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: D
     counts = torch.zeros(n, dtype=torch.int64, device=rows.device)
     matrix = torch.zeros(n, m, dtype=torch.float64, device=rows.device)
     identity = torch.arange(n, device=rows.device)
-    for kjt, dense, label in batches:
+    offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
+    for item in batches:
+        # (kjt, dense, label) or, from a padded multi-rank pass, (kjt, dense, label, valid):
+        # an invalid (padding) batch still runs the lookup (collectives) but adds nothing
+        kjt, dense, label = item[:3]
         embs = emb(kjt).to_dict()
+        if len(item) > 3 and not item[3]:
+            continue
         entity_ids = kjt[feature].values().long()
+        offsets = offsets_of(table, entity_ids) if offsets_of is not None else None
         counts.index_add_(0, entity_ids, torch.ones_like(entity_ids))
         chunk = max(1, max_rows // m)
         for start in range(0, label.numel(), chunk):       # chunks of samples, bounded count
@@ -67,11 +74,15 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: D
             if linear is not None:
                 x, const = linear({k: v[sl] for k, v in embs.items()},
                                   None if dense is None else dense[sl], feature)
-                pred = x @ rows.T + const[:, None]                       # [b, M]
+                pred = x @ rows[:, :x.shape[1]].T + const[:, None]      # [b, M] (padding cols unused)
+                if offsets is not None:
+                    pred = pred + (x * offsets[sl, :x.shape[1]]).sum(1, keepdim=True)
                 losses = per_sample_loss(pred, label[sl, None].expand(b, m), loss)
             else:
                 expanded = {k: v[sl].repeat_interleave(m, dim=0) for k, v in embs.items()}
                 expanded[feature] = rows.repeat(b, 1)
+                if offsets is not None:
+                    expanded[feature] = expanded[feature] + offsets[sl].repeat_interleave(m, dim=0)
                 d_exp = None if dense is None else dense[sl].repeat_interleave(m, dim=0)
                 pred = model(expanded, d_exp)
                 losses = per_sample_loss(pred, label[sl].repeat_interleave(m), loss).view(b, m)
@@ -95,8 +106,12 @@ def run_reassignment(emb, model, batches: Iterable, table: str, *, loss: str, en
     finally:
         emb.train(was_training)
     state = emb.cluster_states[table]
+    policy = getattr(getattr(emb, "_clustering", {}).get(table), "unseen_policy", "stay")
+    unseen_to = None
+    if policy == "largest":
+        unseen_to = int(torch.argmax(state.interaction_counts()[: state.num_active]))
     plan = decide_reassignment(state.assignment, state.num_active, seen, losses,
-                               keep_prob=keep_prob, generator=generator)
+                               keep_prob=keep_prob, generator=generator, unseen_to=unseen_to)
     emb.apply_reassignment(table, plan, optimizer)
     report = PhaseReport("reassign", table, time.perf_counter() - t0, state.num_active,
                          {"moved": plan.num_moved, "entities_with_data": int(seen.numel()),
