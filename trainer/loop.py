@@ -74,7 +74,8 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
                 clustering[table] = ClusteringConfig(
                     max_clusters=c.max_clusters, init_clusters=c.init_clusters,
                     grad_average=c.grad_average, split_criterion=c.split_criterion,
-                    split_method=c.split_method, splits_per_event=c.splits_per_event)
+                    split_method=c.split_method, splits_per_event=c.splits_per_event,
+                    entity_bias_column=_entity_bias_column(cfg, c), unseen_policy=c.unseen_policy)
         emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
     elif method == "full":
         emb = FullEmbeddingBagCollection(tables=tables, device=device)
@@ -88,6 +89,15 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
     _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed,
                      zero_from=cfg.model.embedding_dim if cfg.model.name == "mf" else None)
     return emb
+
+
+def _entity_bias_column(cfg: TrainConfig, c) -> int | None:
+    """MF's bias column d for `cel.<table>.entity_bias` (other models have no bias column)."""
+    if not c.entity_bias:
+        return None
+    if cfg.model.name != "mf":
+        raise ValueError("cel.<table>.entity_bias needs model.name=mf (the bias column)")
+    return cfg.model.embedding_dim
 
 
 def _per_table(by_key: dict[str, int]) -> dict[str, int]:
@@ -109,6 +119,8 @@ def _init_embeddings(emb: torch.nn.Module, std: float, seed: int, zero_from: int
         p.copy_(torch.randn(p.shape, generator=g) * std)
         if zero_from is not None and p.dim() == 2 and "__q" not in name and "__r" not in name:
             p[:, zero_from:] = 0.0
+        if zero_from is not None and p.dim() == 1:   # MF: per-entity biases start at zero
+            p.zero_()
 
 
 class BatchSource:
