@@ -88,6 +88,10 @@ class ClusteringConfig:
                                    "mean_loss")
     split_method: str = _choice("sign", "sign", "median")
     splits_per_event: int = 1
+    # MF only: one unclustered scalar bias per entity (counted in embedding bytes)
+    entity_bias: bool = False
+    # where reassignment puts entities without training data: stay | largest (by interactions)
+    unseen_policy: str = _choice("stay", "stay", "largest")
 
 
 @dataclass

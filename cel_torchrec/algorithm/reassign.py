@@ -65,7 +65,8 @@ def mf_loss_matrix(s_rr: torch.Tensor, s_rx: torch.Tensor, s_xx: torch.Tensor,
 
 def decide_reassignment(assignment: torch.Tensor, num_active: int, entity_ids: torch.Tensor,
                         loss_matrix: torch.Tensor, *, keep_prob: float = 0.31,
-                        generator: torch.Generator | None = None) -> ReassignPlan:
+                        generator: torch.Generator | None = None,
+                        unseen_to: int | None = None) -> ReassignPlan:
     """Reassign the entities `entity_ids` (those with training data), whose losses under each
     active cluster are the rows of `loss_matrix` `[n, >= num_active]`.
 
@@ -75,7 +76,8 @@ def decide_reassignment(assignment: torch.Tensor, num_active: int, entity_ids: t
        the smallest loss gain stays; ties to the lower entity id);
     4. any active cluster still empty is refilled: it copies the largest cluster's row and takes a
        random half of that cluster's members.
-    Entities not in `entity_ids` keep their cluster. Random draws use `generator` only."""
+    Entities not in `entity_ids` keep their cluster, or, with `unseen_to`, move to that cluster
+    (before rule 3, so that no cluster is left empty by it). Random draws use `generator` only."""
     device = assignment.device
     old_all = assignment.long()
     ent = entity_ids.long().to(device)
@@ -90,8 +92,14 @@ def decide_reassignment(assignment: torch.Tensor, num_active: int, entity_ids: t
     # rule 3: clusters that every member would leave keep their cheapest leaver. Keeping a leaver
     # can empty the cluster it was heading to, so repeat to a fixpoint (each round keeps >= 1).
     new_all = old_all.clone()
+    if unseen_to is not None:
+        unseen = torch.ones(old_all.numel(), dtype=torch.bool, device=device)
+        unseen[ent] = False
+        new_all[unseen] = int(unseen_to)
+    # rule 3 protects clusters non-empty after the unseen move; one emptied by that move alone
+    # is refilled by rule 4
+    before = torch.bincount(new_all, minlength=num_active)
     new_all[ent[moving]] = best[moving]
-    before = torch.bincount(old_all, minlength=num_active)
     gain = losses[torch.arange(ent.numel(), device=device), old] - losses.gather(1, best[:, None])[:, 0]
     kept_empty = 0
     while True:

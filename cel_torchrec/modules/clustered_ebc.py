@@ -25,7 +25,13 @@ from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, apply
 @dataclass(frozen=True)
 class ClusteringConfig:
     """How one table is clustered: budget (`max_clusters` rows), start (`init_clusters`),
-    gradient averaging (`batch` | `members` | `none`) and split policy."""
+    gradient averaging (`batch` | `members` | `none`) and split policy.
+
+    `entity_bias_column`: if set, every entity also owns one unclustered scalar (a per-entity
+    bias, counted in `embedding_bytes`) added to that column of its looked-up embedding (for MF,
+    the bias column `d`). `unseen_policy`: where reassignment puts entities without training
+    data: `stay` (wherever splits left them) or `largest` (the cluster with the most training
+    interactions, a sensible default for cold entities)."""
 
     max_clusters: int
     init_clusters: int = 1
@@ -33,6 +39,8 @@ class ClusteringConfig:
     split_criterion: str = "interactions"
     split_method: str = "sign"
     splits_per_event: int = 1
+    entity_bias_column: int | None = None
+    unseen_policy: str = "stay"
 
 
 class ClusterStates(nn.Module):
@@ -145,6 +153,18 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         cluster_tables = [dataclasses.replace(t, num_embeddings=clustering[t.name].max_clusters)
                           if t.name in clustering else t for t in tables]
         self._embedding_bag_collection = EmbeddingBagCollection(tables=cluster_tables, device=device)
+        # optional per-entity scalars outside the clusters (see ClusteringConfig.entity_bias_column)
+        self.entity_biases = nn.ParameterDict()
+        widths = {t.name: t.embedding_dim for t in tables}
+        for name, cfg in clustering.items():
+            if cfg.unseen_policy not in ("stay", "largest"):
+                raise ValueError(f"unseen_policy must be stay|largest, got {cfg.unseen_policy!r}")
+            if cfg.entity_bias_column is not None:
+                if not 0 <= cfg.entity_bias_column < widths[name]:
+                    raise ValueError(f"table {name!r}: entity_bias_column {cfg.entity_bias_column} "
+                                     f"outside [0, {widths[name]})")
+                n = next(t.num_embeddings for t in tables if t.name == name)
+                self.entity_biases[name] = nn.Parameter(torch.zeros(n, device=device))
         self._windows: dict[str, _SplitWindow] = {}
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
@@ -170,7 +190,40 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         kt = self._embedding_bag_collection(remapped)
         if self.training and torch.is_grad_enabled() and self._remapper.feature_to_table:
             kt = self._attach_cluster_hooks(features, remapped, kt)
+        if len(self.entity_biases):
+            kt = self._add_entity_biases(features, kt)
         return kt
+
+    def _add_entity_biases(self, features: KeyedJaggedTensor, kt: KeyedTensor) -> KeyedTensor:
+        """Add each entity's own scalar to its bias column (after the cluster-gradient hook, so
+        the scalar gets its plain per-sample gradient)."""
+        id_slices = features.to_dict()
+        columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
+        values = kt.values()
+        cols, adds = [], []
+        for key, table in self._remapper.feature_to_table.items():
+            if table not in self.entity_biases or key not in id_slices:
+                continue
+            cols.append(columns[key][0] + self._clustering[table].entity_bias_column)
+            adds.append(self.entity_biases[table][id_slices[key].values().long()])
+        if not cols:
+            return kt
+        extra = torch.zeros(values.shape[1], len(cols), dtype=values.dtype, device=values.device)
+        extra[torch.tensor(cols, device=values.device), torch.arange(len(cols), device=values.device)] = 1.0
+        values = values + torch.stack(adds, dim=1).to(values.dtype) @ extra.T
+        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
+                           key_dim=kt.key_dim())
+
+    def entity_offsets(self, table: str, entity_ids: torch.Tensor) -> torch.Tensor | None:
+        """What the entities' own (unclustered) parameters add to their cluster row, `[n, D]`
+        (None if nothing): reassignment scores `cluster_row + offset` for every candidate."""
+        if table not in self.entity_biases:
+            return None
+        bias = self.entity_biases[table].detach()[entity_ids.long()]
+        out = torch.zeros(entity_ids.numel(), self.table_weight(table).shape[1], dtype=bias.dtype,
+                          device=bias.device)
+        out[:, self._clustering[table].entity_bias_column] = bias
+        return out
 
     def _attach_cluster_hooks(self, features: KeyedJaggedTensor, remapped: KeyedJaggedTensor,
                               kt: KeyedTensor) -> KeyedTensor:
@@ -307,6 +360,7 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         capacity) plus the int32 assignment maps."""
         total = sum(p.numel() * p.element_size()
                     for p in self._embedding_bag_collection.parameters())
+        total += sum(p.numel() * p.element_size() for p in self.entity_biases.parameters())
         for state in self._remapper.states.as_dict().values():
             total += state.assignment.numel() * state.assignment.element_size()
         return int(total)
