@@ -1,0 +1,46 @@
+"""Print every bench/results/*.json as a Markdown table (the README's tables come from here).
+
+    python -m bench.report [NAME ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from bench.common import RESULTS_DIR, print_table
+
+# columns shown per benchmark (others: every key of the records except long ones)
+COLUMNS = {
+    "quality_ml100k": ["method", "model", "item_clusters", "user_clusters", "embedding_bytes",
+                       "best_val_rmse", "best_val_rmse_cold", "val_rmse", "time_to_best_s",
+                       "train_time_s"],
+    "data_pipeline": ["dataset", "method", "rows", "rows_per_s", "seconds", "peak_rss_bytes"],
+    "sharded": ["method", "grad_average", "batch_scope", "sharding", "world_size", "batch_size",
+                "step_time_s", "vs_full", "samples_per_s", "embedding_bytes", "phase",
+                "seconds", "fraction_of_epoch"],
+    "gpu_ops": ["op", "seconds", "vs_full_lookup", "batch", "entities", "clusters", "dim"],
+    "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local"],
+}
+SKIP = {"note", "args"}
+
+
+def report(name: str) -> str:
+    data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    records = data["records"]
+    cols = COLUMNS.get(name)
+    if cols is None:
+        cols = [k for k in dict.fromkeys(k for r in records for k in r) if k not in SKIP]
+    cols = [c for c in cols if any(c in r for r in records)]
+    where = data.get("device") or data.get("machine", "")
+    print(f"\n### {name} (commit {data.get('commit', '?')}, {where}, {data.get('created', '')})\n")
+    return print_table(records, cols)
+
+
+def main(argv: list[str]) -> None:
+    names = argv or sorted(p.stem for p in RESULTS_DIR.glob("*.json"))
+    for name in names:
+        report(name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
