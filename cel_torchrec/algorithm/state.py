@@ -36,6 +36,8 @@ class ClusterState(nn.Module):
         self.register_buffer("num_active_t", torch.tensor(init_clusters, dtype=torch.int64))
         self.register_buffer("entity_interactions", torch.zeros(num_entities, dtype=torch.int64,
                                                                 device=device))
+        self._member_counts_key: tuple | None = None
+        self._member_counts: torch.Tensor | None = None
 
     @property
     def num_active(self) -> int:
@@ -48,8 +50,14 @@ class ClusterState(nn.Module):
         self.num_active_t.fill_(value)
 
     def member_counts(self) -> torch.Tensor:
-        """Members per cluster row, `int64[capacity]`."""
-        return torch.bincount(self.assignment.long(), minlength=self.capacity)
+        """Members per cluster row, `int64[capacity]` (do not modify). Cached: recomputed only
+        when the map changed, which the tensor's version counter tells (every in-place write:
+        splits, reassignments, checkpoint loads), so the per-step cost is O(1), not O(entities)."""
+        key = (self.assignment.data_ptr(), self.assignment._version)
+        if self._member_counts_key != key:
+            self._member_counts = torch.bincount(self.assignment.long(), minlength=self.capacity)
+            self._member_counts_key = key
+        return self._member_counts
 
     def interaction_counts(self) -> torch.Tensor:
         """Observed training interactions per cluster row, `int64[capacity]`."""

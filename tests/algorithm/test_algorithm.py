@@ -38,9 +38,13 @@ def test_remap_and_counters():
     assert state.member_counts().tolist() == [2, 3, 1, 0]
     assert state.interaction_counts().tolist() == [1, 2, 1, 0]
     state.check_invariants()
-    state.assignment[5] = 3
+    state.assignment[5] = 3          # an in-place write invalidates the cached member counts
+    assert state.member_counts().tolist() == [2, 3, 0, 1]
     with pytest.raises(AssertionError):
         state.check_invariants()
+    state.load_state_dict({**state.state_dict(),
+                           "assignment": torch.tensor([0, 0, 0, 1, 1, 2], dtype=torch.int32)})
+    assert state.member_counts().tolist() == [3, 2, 1, 0]
 
 
 def test_init_clusters_balanced_and_nonempty():
