@@ -9,7 +9,7 @@ Every worker runs `worker_fn(config: dict, ctx: RayWorkerContext) -> dict`; the 
 `trainer.worker:ray_worker_entry`, imported lazily inside the worker (the trainer never imports
 `jobs`: it receives the context object as an argument). Keys read here (nested dict):
 `ray.{address, num_workers, cpus_per_worker, gpus_per_worker, max_failures, num_cpus,
-checkpoints_to_keep, datasets, shuffle_buffer_batches}`, `run.{dir, name, resume}`,
+storage_path, checkpoints_to_keep, datasets, shuffle_buffer_batches}`, `run.{dir, name, resume}`,
 `data.{path, kind, batch_size, reader}`, `dist.backend`, `train.seed`.
 """
 from __future__ import annotations
@@ -105,10 +105,12 @@ class RayWorkerContext:
     def iter_batches(self, split: str, batch_size: int, epoch: int = 0, *,
                      shuffle: bool | None = None, drop_last: bool = False
                      ) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of this rank's shard as numpy dicts (`user_id`, `item_id`, `label`, ...).
-        Call once per epoch on every rank; `shuffle` (default: train only) is a local shuffle
+        """One epoch of this rank's shard as numpy dicts (`user_id`, `item_id`, `label`, ...;
+        schema dtypes, as data_pipeline.local yields). Call once per epoch on every rank; `shuffle` (default: train only) is a local shuffle
         buffer of `shuffle_buffer_batches` batches seeded by (seed, epoch, rank)."""
         import ray.train
+
+        from data_pipeline.ray_data import iter_numpy_batches
         if not self.has_split(split):
             raise KeyError(f"no Ray dataset {split!r} was given to this run "
                            f"(have {sorted(self.dataset_rows)}); see ray.datasets")
@@ -116,9 +118,8 @@ class RayWorkerContext:
         shuffle = (split == "train") if shuffle is None else shuffle
         buffer = batch_size * self.shuffle_buffer_batches if shuffle else None
         seed = (self.seed * 1_000_003 + epoch * 1009 + self.rank) if shuffle else None
-        return iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                       drop_last=drop_last, local_shuffle_buffer_size=buffer,
-                                       local_shuffle_seed=seed))
+        return iter_numpy_batches(shard, batch_size, local_shuffle_seed=seed,
+                                  local_shuffle_buffer_size=buffer, drop_last=drop_last)
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None = None
                ) -> None:
@@ -245,14 +246,8 @@ def final_metrics(result: ray.train.Result) -> dict:
 
 
 def read_split(data_path: str, split: str) -> ray.data.Dataset:
-    """One split of a prepared dataset directory as a Ray Dataset."""
-    try:
-        from data_pipeline.ray_data import read_split as pipeline_read_split
-    except ImportError:
-        # TODO: data_pipeline.ray_data (schema-validated reader) was not written yet when this
-        # was; this plain read is the fallback.
-        import ray.data
-        return ray.data.read_parquet(f"{data_path}/{split}")
+    """One split of a prepared dataset directory as a Ray Dataset (schema checked first)."""
+    from data_pipeline.ray_data import read_split as pipeline_read_split
     return pipeline_read_split(data_path, split)
 
 
@@ -319,8 +314,8 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
 
     `datasets` default: the splits in `ray.datasets` (default ["train"]) read from the prepared
     dataset directory (`resolve_data_dir`); each worker reads its equal shard through
-    `ctx.iter_batches`. Checkpoints land in `storage_path/name` (default RUN_DIR/ray_train,
-    RUN_DIR = run.dir/run.name); with `run.resume` false a previous run's Ray state there is
+    `ctx.iter_batches`. Checkpoints land in `storage_path/name` (default `ray.storage_path` or
+    RUN_DIR = run.dir/run.name, and "ray_train"; on several nodes it must be shared: NFS, s3://); with `run.resume` false a previous run's Ray state there is
     cleared first (Ray would otherwise resume from it). Worker failures restart the whole group
     up to `ray.max_failures` times from the last checkpoint. Raises ray.train.TrainingFailedError
     when the run fails for good."""
@@ -337,6 +332,8 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
             data_dir = resolve_data_dir(config)
             datasets, dataset_rows = {}, {}
             if data_dir is not None:
+                if get(config, "data.kind") == "synthetic":
+                    set_dotted(config, "data.kind", "path")     # built above; workers just read
                 set_dotted(config, "data.path", data_dir)
                 for split in get(config, "ray.datasets", ["train"]):
                     datasets[split] = read_split(data_dir, split)
@@ -352,7 +349,9 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
         resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         run_dir = os.path.join(os.path.abspath(get(config, "run.dir", "runs")),
                                str(get(config, "run.name", "run")))
-        storage_path = os.path.abspath(storage_path) if storage_path else run_dir
+        storage_path = storage_path or get(config, "ray.storage_path") or run_dir
+        if "://" not in storage_path:
+            storage_path = os.path.abspath(storage_path)
         name = name or RAY_RUN_NAME
         ray_run_dir = os.path.join(storage_path, name)
         if not get(config, "run.resume", False) and os.path.isdir(ray_run_dir):

@@ -28,7 +28,8 @@ USERS, ITEMS, ROWS, DIM, CLUSTERS = 200, 100, 4096, 8, 7
 
 
 def write_dataset(root: pathlib.Path) -> pathlib.Path:
-    """A prepared-dataset-shaped directory: train/ and val/ Parquet splits of a rank-2 MF."""
+    """train/ and val/ Parquet splits in data_pipeline.schema's columns, labels from a rank-2
+    MF (only the splits: jobs.ray_train reads nothing else)."""
     rng = np.random.default_rng(0)
     user_f, item_f = rng.normal(size=(USERS, 2)), rng.normal(size=(ITEMS, 2))
     for split, rows in (("train", ROWS), ("val", ROWS // 4)):
@@ -36,7 +37,8 @@ def write_dataset(root: pathlib.Path) -> pathlib.Path:
         items = rng.integers(0, ITEMS, rows)
         label = (user_f[users] * item_f[items]).sum(1) + 0.1 * rng.normal(size=rows)
         table = pa.table({"user_id": users.astype(np.int64), "item_id": items.astype(np.int64),
-                          "label": label.astype(np.float32)})
+                          "label": label.astype(np.float32),
+                          "timestamp": np.arange(rows, dtype=np.int64)})
         (root / split).mkdir(parents=True)
         for part in range(2):       # two files -> several blocks to split across workers
             pq.write_table(table.slice(part * rows // 2, rows // 2),
@@ -91,9 +93,9 @@ def mf_worker(config: dict, ctx) -> dict:
                 ctx.wait_committed()                      # epoch 0's checkpoint is registered
                 marker.write_text(str(os.getpid()))
                 os._exit(1)                               # a hard crash mid-epoch: no cleanup
-            users = torch.tensor(batch["user_id"])
-            items = torch.tensor(batch["item_id"])
-            label = torch.tensor(batch["label"])
+            users = torch.from_numpy(batch["user_id"])
+            items = torch.from_numpy(batch["item_id"])
+            label = torch.from_numpy(batch["label"])
             loss = torch.nn.functional.mse_loss(model(users, items), label)
             optimizer.zero_grad()
             loss.backward()

@@ -122,3 +122,25 @@ def test_usage_errors():
     unreachable = submit("--address", f"http://127.0.0.1:{free_port()}", "--entrypoint",
                          "python -c 'print(1)'", timeout=60)
     assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_training_job(ray_head, tmp_path):
+    """The whole path: jobs.submit -> (job) jobs.ray_train CLI -> Ray Train workers reading the
+    Parquet splits -> checkpoints in run.dir -> final metrics table in the job's logs."""
+    from tests.jobs.test_ray_train import write_dataset
+    data_dir = write_dataset(tmp_path / "data")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"ray: {{num_workers: 2, cpus_per_worker: 0.5}}\n"
+                      f"run: {{dir: {tmp_path / 'runs'}, name: tiny}}\n"
+                      f"data: {{path: {data_dir}, batch_size: 256}}\n"
+                      f"train: {{epochs: 2, seed: 0}}\ntest: {{work_dir: {tmp_path}}}\n")
+    start = time.monotonic()
+    out = submit("--address", ray_head, "--entrypoint",
+                 f"python -m jobs.ray_train --config {config} "
+                 f"--worker tests.jobs.test_ray_train:mf_worker", timeout=400)
+    print(f"[test] training job took {time.monotonic() - start:.1f}s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[ray_train] report 2" in out.stdout and "rows_per_rank  2048" in out.stdout
+    assert list((tmp_path / "runs" / "tiny" / "ray_train").glob("checkpoint_*/state.pt"))
