@@ -91,7 +91,11 @@ class ClusteringConfig:
     # MF only: one unclustered scalar bias per entity (counted in embedding bytes)
     entity_bias: bool = False
     # where reassignment puts entities without training data: stay | largest (by interactions)
-    unseen_policy: str = _choice("stay", "stay", "largest")
+    unseen_policy: str = _choice("stay", "stay", "largest", "pooled")
+    # ... and so are entities with fewer training interactions than this (with largest|pooled)
+    cold_interactions: int = 1
+    # MF entity_bias only: per-step L2 pull of the per-entity biases toward zero
+    entity_bias_decay: float = 0.0
 
 
 @dataclass

@@ -38,7 +38,7 @@ def per_sample_loss(pred: torch.Tensor, label: torch.Tensor, loss: str) -> torch
 
 @torch.no_grad()
 def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: DistEnv,
-                    max_rows: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_rows: int = 1 << 18, return_counts: bool = False):
     """Summed training loss of every entity of `table` under every active cluster row, over all
     interactions in `batches` (this rank's share, all-reduced across ranks). Returns the entity
     ids that have data and their loss rows `[n, M]`.
@@ -90,6 +90,8 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: D
     all_reduce_(counts, env)
     all_reduce_(matrix, env)
     seen = (counts > 0).nonzero().flatten()
+    if return_counts:
+        return seen, matrix[seen], counts[seen]
     return seen, matrix[seen]
 
 
@@ -102,14 +104,22 @@ def run_reassignment(emb, model, batches: Iterable, table: str, *, loss: str, en
     was_training = emb.training
     emb.eval()
     try:
-        seen, losses = reassign_losses(emb, model, batches, table, loss, env)
+        seen, losses, counts = reassign_losses(emb, model, batches, table, loss, env,
+                                               return_counts=True)
     finally:
         emb.train(was_training)
     state = emb.cluster_states[table]
-    policy = getattr(getattr(emb, "_clustering", {}).get(table), "unseen_policy", "stay")
+    ccfg = getattr(emb, "_clustering", {}).get(table)
+    policy = getattr(ccfg, "unseen_policy", "stay")
     unseen_to = None
-    if policy == "largest":
-        unseen_to = int(torch.argmax(state.interaction_counts()[: state.num_active]))
+    if policy != "stay":
+        # entities with too few interactions are treated like entities without data
+        cold = counts < max(int(getattr(ccfg, "cold_interactions", 1)), 1)
+        if policy == "pooled" and bool(cold.any()):
+            unseen_to = int(torch.argmin(losses[cold].sum(0)[: state.num_active]))
+        else:
+            unseen_to = int(torch.argmax(state.interaction_counts()[: state.num_active]))
+        seen, losses = seen[~cold], losses[~cold]
     plan = decide_reassignment(state.assignment, state.num_active, seen, losses,
                                keep_prob=keep_prob, generator=generator, unseen_to=unseen_to)
     emb.apply_reassignment(table, plan, optimizer)

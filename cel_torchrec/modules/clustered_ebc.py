@@ -31,7 +31,11 @@ class ClusteringConfig:
     bias, counted in `embedding_bytes`) added to that column of its looked-up embedding (for MF,
     the bias column `d`). `unseen_policy`: where reassignment puts entities without training
     data: `stay` (wherever splits left them) or `largest` (the cluster with the most training
-    interactions, a sensible default for cold entities)."""
+    interactions, a sensible default for cold entities) or `pooled` (the cluster with the lowest
+    loss on the pooled interactions of all cold entities); entities with fewer than
+    `cold_interactions` training interactions are handled like entities without data.
+    `entity_bias_decay`: an L2 pull of every per-entity bias toward zero at every step (a
+    per-entity ridge, which shrinks rarely seen entities toward their cluster's bias)."""
 
     max_clusters: int
     init_clusters: int = 1
@@ -41,6 +45,8 @@ class ClusteringConfig:
     splits_per_event: int = 1
     entity_bias_column: int | None = None
     unseen_policy: str = "stay"
+    cold_interactions: int = 1
+    entity_bias_decay: float = 0.0
 
 
 class ClusterStates(nn.Module):
@@ -157,14 +163,17 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         self.entity_biases = nn.ParameterDict()
         widths = {t.name: t.embedding_dim for t in tables}
         for name, cfg in clustering.items():
-            if cfg.unseen_policy not in ("stay", "largest"):
-                raise ValueError(f"unseen_policy must be stay|largest, got {cfg.unseen_policy!r}")
+            if cfg.unseen_policy not in ("stay", "largest", "pooled"):
+                raise ValueError(f"unseen_policy must be stay|largest|pooled, got {cfg.unseen_policy!r}")
             if cfg.entity_bias_column is not None:
                 if not 0 <= cfg.entity_bias_column < widths[name]:
                     raise ValueError(f"table {name!r}: entity_bias_column {cfg.entity_bias_column} "
                                      f"outside [0, {widths[name]})")
                 n = next(t.num_embeddings for t in tables if t.name == name)
                 self.entity_biases[name] = nn.Parameter(torch.zeros(n, device=device))
+                if cfg.entity_bias_decay:
+                    p = self.entity_biases[name]
+                    p.register_hook(lambda g, p=p, w=float(cfg.entity_bias_decay): g + w * p.detach())
         self._windows: dict[str, _SplitWindow] = {}
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}

@@ -134,3 +134,41 @@ def test_trainer_config_wires_the_options():
         build_embedding_collection(apply_overrides(TrainConfig(), ["model.name=neumf",
                                                                   "cel.items.entity_bias=true"]),
                                    num_users=5, num_items=8, device=torch.device("cpu"))
+
+
+def test_pooled_policy_sends_cold_entities_to_their_best_common_cluster():
+    from trainer.phases import run_reassignment
+    torch.manual_seed(0)
+    m = ClusteredEmbeddingBagCollection(tables(), {"item": ClusteringConfig(
+        max_clusters=4, entity_bias_column=None, unseen_policy="pooled", cold_interactions=2)})
+    st = m.cluster_states["item"]
+    st.assignment.copy_(torch.tensor([0, 0, 1, 1, 2, 2, 0, 1], dtype=torch.int32))
+    st.num_active = 3
+    with torch.no_grad():   # cluster biases 1, 3, 5 (bias column 3), latent part zero
+        w = m.table_weight("item")
+        w.zero_()
+        w[:3, 3] = torch.tensor([1.0, 3.0, 5.0])
+        m.table_weight("user").zero_()
+    model = MatrixFactorization(D - 1)
+    # items 0..3 warm (2 ratings each); items 4 and 5 cold (1 rating each, both near 5); 6, 7 unseen
+    items = [0, 0, 1, 1, 2, 2, 3, 3, 4, 5]
+    labels = torch.tensor([1.0, 1, 1, 1, 3, 3, 3, 3, 4.8, 5.2])
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    plan, _ = run_reassignment(m, model, [(kjt([0] * 10, items), None, labels)], "item",
+                               loss="mse", env=env, keep_prob=0.0,
+                               generator=torch.Generator().manual_seed(0), optimizer=None)
+    new = plan.new_assignment.tolist()
+    assert new[4] == new[5] == new[6] == new[7] == 2   # pooled cold losses: cluster bias 5 wins
+    assert new[:4] == [0, 0, 1, 1]
+
+
+def test_entity_bias_decay_adds_l2_gradient():
+    m = ClusteredEmbeddingBagCollection(tables(), {"item": ClusteringConfig(
+        max_clusters=4, entity_bias_column=3, entity_bias_decay=0.5)})
+    with torch.no_grad():
+        m.entity_biases["item"].fill_(2.0)
+    m.train()
+    out = m(kjt([0], [1])).to_dict()["item_id"]
+    out[:, 3].sum().backward()
+    g = m.entity_biases["item"].grad
+    assert g[1] == pytest.approx(1.0 + 0.5 * 2.0) and g[0] == pytest.approx(0.5 * 2.0)
