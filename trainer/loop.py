@@ -75,7 +75,8 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
                     max_clusters=c.max_clusters, init_clusters=c.init_clusters,
                     grad_average=c.grad_average, split_criterion=c.split_criterion,
                     split_method=c.split_method, splits_per_event=c.splits_per_event,
-                    entity_bias_column=_entity_bias_column(cfg, c), unseen_policy=c.unseen_policy)
+                    entity_bias_column=_entity_bias_column(cfg, c), unseen_policy=c.unseen_policy,
+                    cold_interactions=c.cold_interactions, entity_bias_decay=c.entity_bias_decay)
         emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
     elif method == "full":
         emb = FullEmbeddingBagCollection(tables=tables, device=device)
