@@ -402,7 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.config):
         print(f"error: config file {args.config} not found", file=sys.stderr)
         return 2
-    config = load_config_dict(args.config, args.overrides)
+    from trainer.config import ConfigError, config_to_dict, load_config
+    try:   # validate the whole config here, before any worker starts
+        # the driver hands workers Ray Data shards: read them unless the command line says local
+        config = config_to_dict(load_config(args.config, ["data.reader=ray", *args.overrides]))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     import ray.train
     try:
@@ -414,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[ray_train] finished; Ray run dir {result.path}")
     if result.checkpoint is not None:
         print(f"[ray_train] last checkpoint {result.checkpoint.path}")
-    print(format_metrics_table(metrics), flush=True)
+    from trainer.main import HEADLINE
+    headline = {k: metrics[k] for k in HEADLINE if k in metrics} or metrics
+    print(format_metrics_table(headline), flush=True)
     return 0
 
 

@@ -495,7 +495,8 @@ class TrainRecipe:
         if self.env.is_main:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
-                                                       "world_size": self.env.world_size}))
+                                                       "world_size": self.env.world_size,
+                                                       "cluster_state": self.cluster_digest()}))
             old = path.with_name("checkpoint.old")
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():
@@ -519,8 +520,30 @@ class TrainRecipe:
         for d in candidates:
             if (d / "state.pt").exists():
                 self.load_checkpoint(d)
+                self._verify_resumed(d)
                 return True
         return False
+
+    def cluster_digest(self) -> dict:
+        """Per clustered table: active clusters and a SHA-1 of the assignment map (written with
+        every checkpoint, checked on resume, so a restart provably keeps the cluster state)."""
+        if self.cel is None:
+            return {}
+        import hashlib
+        return {t: {"num_active": st.num_active,
+                    "assignment_sha1": hashlib.sha1(st.assignment.cpu().numpy().tobytes()).hexdigest()}
+                for t, st in ((t, self.cel.cluster_states[t]) for t in self.cel.clustered_tables)}
+
+    def _verify_resumed(self, directory: pathlib.Path) -> None:
+        meta_file = directory / "meta.json"
+        saved = json.loads(meta_file.read_text()).get("cluster_state") if meta_file.exists() else None
+        now = self.cluster_digest()
+        if saved is not None and saved != now:
+            raise RuntimeError(f"{directory}: cluster state after loading differs from the one saved")
+        if self.env.is_main:
+            with open(self.run_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"from": str(directory), "step": self.step, "epoch": self.epoch,
+                                    "cluster_state": now, "verified": saved is not None}) + "\n")
 
     def load_checkpoint(self, directory: pathlib.Path) -> None:
         state = torch.load(directory / "state.pt", map_location=self.env.device, weights_only=False)

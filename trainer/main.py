@@ -14,10 +14,17 @@ import sys
 from trainer.config import load_config
 from trainer.worker import run_worker
 
+# the headline metrics printed at the end of a run (metrics.json has them all)
+HEADLINE = ("val_rmse", "val_rmse_cold", "val_rmse_warm", "best_val_rmse", "val_auc",
+            "val_logloss", "val_auc_cold", "embedding_bytes", "num_clusters_items",
+            "num_clusters_users", "steps", "epochs", "train_time_s", "split_time_s",
+            "reassign_time_s")
+
 
 def format_metrics(metrics: dict) -> str:
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())
-            if not isinstance(v, (list, dict))]
+    """The headline metrics as an aligned two-column table."""
+    rows = [(k, f"{metrics[k]:.4f}" if isinstance(metrics[k], float) else str(metrics[k]))
+            for k in HEADLINE if k in metrics and metrics[k] is not None]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 

@@ -22,3 +22,10 @@ def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
     if env.is_main:
         print(f"[train] metrics written to {recipe.run_dir / 'metrics.json'}", flush=True)
     return metrics
+
+
+def ray_worker_entry(config: dict, ctx: Any) -> dict:
+    """Ray Train's per-worker entry (see jobs.ray_train): the same worker, fed by Ray Data shards
+    and reporting checkpoints through `ctx`."""
+    from trainer.config import TrainConfig
+    return run_worker(TrainConfig.from_dict(config), ray_ctx=ctx)

@@ -136,6 +136,7 @@ def make_config(tmp_path: pathlib.Path, data_dir: pathlib.Path, **test) -> dict:
             "test": {"work_dir": str(tmp_path), **test}}
 
 
+@pytest.mark.slow   # the real trainer covers this path in the default suite (test_ray_cel.py)
 def test_ray_train_local(local_ray, tmp_path):
     data_dir = write_dataset(tmp_path / "data")
     start = time.monotonic()
@@ -153,6 +154,7 @@ def test_ray_train_local(local_ray, tmp_path):
     assert checkpoint.parent == tmp_path / "runs" / "mf" / "ray_train"
 
 
+@pytest.mark.slow   # the real trainer covers this path in the default suite (test_ray_cel.py)
 def test_fault_tolerance(local_ray, tmp_path):
     import torch
     data_dir = write_dataset(tmp_path / "data")
