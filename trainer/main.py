@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from data_pipeline.errors import DataError
     try:
         main()
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, DataError) as exc:   # bad config or data: no traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -91,3 +91,13 @@ def test_torchrun_two_processes_smoke(tmp_path):
     assert any(p["kind"] == "split" and p["splits"] >= 1 for p in phases)
     assert "ranks 2 (gloo, table_wise)" in proc.stdout
     assert (run_dir / "checkpoint" / "sharded").is_dir()
+
+
+def test_cli_rejects_bad_config_and_missing_data_with_exit_2(tmp_path):
+    base = [sys.executable, "-m", "trainer.main", "--config", str(ROOT / "configs/ml100k_mf.yaml")]
+    bad_key = subprocess.run([*base, "cel.items.max_clusterz=3"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert bad_key.returncode == 2 and "unknown key 'cel.items.max_clusterz'" in bad_key.stderr
+    no_data = subprocess.run([*base, f"data.path={tmp_path / 'nowhere'}", f"run.dir={tmp_path}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert no_data.returncode == 2 and "not a prepared dataset" in no_data.stderr
