@@ -212,6 +212,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def submit_with_retry(client, spec: dict, timeout_s: float = 90.0) -> str:
+    """Submit; a head whose job agent is still starting answers "No available agent to submit
+    job, please try again later": retry that (only that) until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**spec)
+        except RuntimeError as exc:
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise
+            print("[submit] the head's job agent is not ready yet; retrying", flush=True)
+            time.sleep(2.0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -225,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job_id = client.submit_job(**spec)
+    job_id = submit_with_retry(client, spec)
     print(f"[submit] job {job_id} submitted to {args.address}\n[submit] entrypoint: "
           f"{spec['entrypoint']}", flush=True)
     if args.no_follow:

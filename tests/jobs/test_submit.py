@@ -47,7 +47,11 @@ def ray_head():
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # the job agent's ports too: the defaults (52365...) clash with any other Ray on the
+         # machine, and then the head answers "No available agent to submit job"
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
