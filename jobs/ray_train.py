@@ -246,9 +246,11 @@ def final_metrics(result: ray.train.Result) -> dict:
 
 
 def read_split(data_path: str, split: str) -> ray.data.Dataset:
-    """One split of a prepared dataset directory as a Ray Dataset (schema checked first)."""
+    """One split of a prepared dataset directory as a Ray Dataset (schema checked first); small
+    splits are read once and cached in the object store (see MATERIALIZE_MAX_BYTES)."""
+    from data_pipeline.ray_data import MATERIALIZE_MAX_BYTES
     from data_pipeline.ray_data import read_split as pipeline_read_split
-    return pipeline_read_split(data_path, split)
+    return pipeline_read_split(data_path, split, materialize_max_bytes=MATERIALIZE_MAX_BYTES)
 
 
 def count_split_rows(data_path: str, split: str) -> int:
