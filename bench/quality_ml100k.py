@@ -94,7 +94,9 @@ def run_trainer(model: str, overrides: list[str], data: pathlib.Path, workdir: p
            "tracking.loggers=[jsonl]", "run.resume=false", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env=None if env is None else {**os.environ, **env})
+                          # one intra-op thread: these ops are tiny, and on a shared 2-core
+                          # machine OpenMP's spinning threads made steps ~10x slower
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     run_dir = workdir / name

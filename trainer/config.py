@@ -133,6 +133,9 @@ class OptimConfig:
     seed: int = 0
     eval_every_steps: int | None = None
     loss: str = _choice("mse", "mse", "bce")
+    # intra-op threads per process (0: torch's default). One by default: the ops are small, and
+    # on a shared 2-core machine OpenMP's spinning threads made steps ~10x slower.
+    num_threads: int = 1
 
 
 @dataclass

@@ -12,6 +12,9 @@ from trainer.loop import TrainRecipe
 def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
     """Join the process group if launched as several processes, train, evaluate, and return the
     final metrics (rank 0 also writes RUN_DIR/metrics.json)."""
+    if cfg.train.num_threads > 0:
+        import torch
+        torch.set_num_threads(cfg.train.num_threads)
     env = init_distributed(cfg.dist.backend)
     recipe = TrainRecipe(cfg, env, ray_ctx=ray_ctx)
     recipe.setup()
