@@ -17,5 +17,10 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
+# benchmarks (minutes each; ML-100K is read from ../shared/datasets/ml-100k), then their tables
 bench: venv
-	$(PY) -m bench.run_all $(ARGS)
+	$(PY) -m bench.data_pipeline_bench
+	$(PY) -m bench.quality_ml100k
+	$(PY) -m bench.sharded_bench
+	$(PY) -m bench.ray_bench
+	$(PY) -m bench.report
