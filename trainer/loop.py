@@ -252,6 +252,9 @@ class TrainRecipe:
                              "multi-process runs use train.optimizer=adagrad or sgd")
         fused = {"optimizer": fused_types[cfg.train.optimizer], "learning_rate": cfg.train.lr,
                  "weight_decay": cfg.train.weight_decay}
+        if self.is_cel and len(unsharded.entity_biases):
+            raise ValueError("cel.<table>.entity_bias runs on one process only for now (the "
+                             "sharded collection has no per-entity bias); set it to false")
         state = {k: v.detach().cpu().clone() for k, v in unsharded.state_dict().items()}
         if not self.is_cel:   # the stock sharder matches the exact EmbeddingBagCollection type
             from torchrec.modules.embedding_modules import EmbeddingBagCollection
