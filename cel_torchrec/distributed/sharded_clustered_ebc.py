@@ -30,11 +30,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
-                                    cluster_grad_scale, gpca_split, scatter_entity_grads)
+                                    cluster_grad_scale, gpca_split)
 from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
-                                                ClusterStates, _column_ranges, _GradHook,
-                                                _SplitWindow)
+                                                ClusterStates, _SplitWindow,
+                                                attach_cluster_grad_hook)
 
 BATCH_SCOPES = ("global", "local")
 
@@ -83,7 +83,6 @@ class ShardedClusteredEmbeddingBagCollection(
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, torch.Tensor] = {}
-        self._member_count_cache: dict[str, tuple] = {}
         # interactions counted on this rank since the last sync (the replicated buffer
         # `entity_interactions` only ever holds globally summed counts)
         self._pending_interactions = {
@@ -153,20 +152,9 @@ class ShardedClusteredEmbeddingBagCollection(
                 denom = global_counts[key].index_select(0, cluster_ids)
                 scale = 1.0 / denom.clamp_min(1).to(torch.float32)
             else:
-                scale = cluster_grad_scale(entity_ids, cluster_ids, self._member_counts(table), mode)
+                scale = cluster_grad_scale(entity_ids, cluster_ids, self._remapper.states[table].member_counts(), mode)
             plans.append((key, table, entity_ids, cluster_ids, scale))
         return plans
-
-    def _member_counts(self, table: str) -> torch.Tensor:
-        """Members per cluster, recomputed only when the map changed (its version counter moves
-        on every in-place write: splits, reassignments, checkpoint loads)."""
-        assignment = self._remapper.states[table].assignment
-        key = (assignment.data_ptr(), assignment._version)
-        cached = self._member_count_cache.get(table)
-        if cached is None or cached[0] != key:
-            cached = (key, self._remapper.states[table].member_counts())
-            self._member_count_cache[table] = cached
-        return cached[1]
 
     def _global_distinct_members(self, id_slices: dict) -> dict[str, torch.Tensor]:
         """Distinct members per cluster in the global batch, for every `batch`-averaged feature,
@@ -196,26 +184,7 @@ class ShardedClusteredEmbeddingBagCollection(
         return awaitable
 
     def _attach_hook(self, plans: list, kt: KeyedTensor) -> KeyedTensor:
-        columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
-
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            out = grad.clone()
-            for key, table, entity_ids, cluster_ids, scale in plans:
-                a, b = columns[key]
-                g = grad[:, a:b]
-                window = self._windows.get(table)
-                if window is not None:
-                    scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
-                averaged = g * scale[:, None].to(g.dtype)
-                acc = self._cluster_grad_sum.get(table)
-                if acc is not None:
-                    acc.index_add_(0, cluster_ids, averaged.detach().float())
-                out[:, a:b] = averaged
-            return out
-
-        values = _GradHook.apply(kt.values(), hook)
-        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
-                           key_dim=kt.key_dim())
+        return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
 
     # ------------------------------------------------------------------ same API as unsharded
     @property

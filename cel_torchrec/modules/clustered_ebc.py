@@ -239,7 +239,6 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         batch = features.stride()
         id_slices = features.to_dict()
         cluster_slices = remapped.to_dict()
-        columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
         plans = []
         for key, table in self._remapper.feature_to_table.items():
             if key not in id_slices:
@@ -254,25 +253,8 @@ class ClusteredEmbeddingBagCollection(nn.Module):
             self._last_cluster_ids[table] = cluster_ids
             scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(),
                                        self._clustering[table].grad_average)
-            plans.append((table, columns[key], entity_ids, cluster_ids, scale))
-
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            out = grad.clone()
-            for table, (a, b), entity_ids, cluster_ids, scale in plans:
-                g = grad[:, a:b]
-                window = self._windows.get(table)
-                if window is not None:
-                    scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
-                averaged = g * scale[:, None].to(g.dtype)
-                acc = self._cluster_grad_sum.get(table)
-                if acc is not None:
-                    acc.index_add_(0, cluster_ids, averaged.detach().float())
-                out[:, a:b] = averaged
-            return out
-
-        values = _GradHook.apply(kt.values(), hook)
-        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
-                           key_dim=kt.key_dim())
+            plans.append((key, table, entity_ids, cluster_ids, scale))
+        return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
 
     # --------------------------------------------------------------- statistics
     def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
@@ -373,6 +355,35 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         for state in self._remapper.states.as_dict().values():
             total += state.assignment.numel() * state.assignment.element_size()
         return int(total)
+
+
+def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
+                             cluster_grad_sum: dict) -> KeyedTensor:
+    """Wrap the pooled output so that its backward, per clustered feature in `plans`
+    (`(key, table, entity_ids, cluster_ids, scale)`), records the unscaled per-entity gradients
+    into the table's open split window, scales each sample's gradient by `scale` (per-cluster
+    averaging) and adds the averaged gradients to the table's per-cluster sums. Shared by the
+    unsharded module and its sharded twin."""
+    columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        for key, table, entity_ids, cluster_ids, scale in plans:
+            a, b = columns[key]
+            g = grad[:, a:b]
+            window = windows.get(table)
+            if window is not None:
+                scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
+            averaged = g * scale[:, None].to(g.dtype)
+            acc = cluster_grad_sum.get(table)
+            if acc is not None:
+                acc.index_add_(0, cluster_ids, averaged.detach().float())
+            out[:, a:b] = averaged
+        return out
+
+    values = _GradHook.apply(kt.values(), hook)
+    return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
+                       key_dim=kt.key_dim())
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:
