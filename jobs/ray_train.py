@@ -404,13 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.config):
         print(f"error: config file {args.config} not found", file=sys.stderr)
         return 2
-    from trainer.config import ConfigError, config_to_dict, load_config
-    try:   # validate the whole config here, before any worker starts
-        # the driver hands workers Ray Data shards: read them unless the command line says local
-        config = config_to_dict(load_config(args.config, ["data.reader=ray", *args.overrides]))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.worker == DEFAULT_WORKER:
+        from trainer.config import ConfigError, config_to_dict, load_config
+        try:   # validate the whole trainer config here, before any worker starts
+            # the driver hands workers Ray Data shards: read them unless the command line says local
+            config = config_to_dict(load_config(args.config, ["data.reader=ray", *args.overrides]))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:   # another worker function reads its own keys: pass the YAML through as it is
+        config = load_config_dict(args.config, args.overrides)
 
     import ray.train
     try:
@@ -422,9 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[ray_train] finished; Ray run dir {result.path}")
     if result.checkpoint is not None:
         print(f"[ray_train] last checkpoint {result.checkpoint.path}")
-    from trainer.main import HEADLINE
-    headline = {k: metrics[k] for k in HEADLINE if k in metrics} or metrics
-    print(format_metrics_table(headline), flush=True)
+    if args.worker == DEFAULT_WORKER:   # the trainer's headline metrics; metrics.json has all
+        from trainer.main import HEADLINE
+        metrics = {k: metrics[k] for k in HEADLINE if k in metrics} or metrics
+    print(format_metrics_table(metrics), flush=True)
     return 0
 
 
