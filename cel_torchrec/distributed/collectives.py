@@ -87,6 +87,23 @@ def all_gather_variable(ids: torch.Tensor, group: dist.ProcessGroup | None = Non
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def all_gather_padded(values: torch.Tensor, length: int, fill: int = -1,
+                      group: dist.ProcessGroup | None = None
+                      ) -> tuple[torch.Tensor, dist.Work | None]:
+    """Start ONE asynchronous all-gather of a 1-D tensor padded with `fill` to `length` (a bound
+    every rank agrees on): returns the `[world_size * length]` output, valid once the returned
+    work has been waited on (None: nothing to wait for)."""
+    if values.numel() > length:
+        raise ValueError(f"all_gather_padded: {values.numel()} values exceed the bound {length}")
+    padded = torch.full((length,), fill, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    n = world_size(group)
+    if n <= 1:
+        return padded, None
+    out = torch.empty(n * length, dtype=values.dtype, device=values.device)
+    return out, dist.all_gather_into_tensor(out, padded, group=group, async_op=True)
+
+
 def replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
     """Whether `tensor` is bitwise the same on every rank (compares rank 0's copy)."""
     if world_size(group) <= 1:

@@ -13,6 +13,7 @@ assignment map and to the cluster rows (plus fused optimizer state) it holds.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -33,8 +34,9 @@ from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose
                                     cluster_grad_scale, gpca_split)
 from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
-                                                ClusterStates, _SplitWindow,
-                                                attach_cluster_grad_hook)
+                                                ClusterStates, RemappedFeature,
+                                                _SplitWindow, attach_cluster_grad_hook,
+                                                check_one_id_per_sample, reset_window_sums)
 
 BATCH_SCOPES = ("global", "local")
 
@@ -44,6 +46,7 @@ class ClusteredEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
     """The stock EBC context plus what the CEL gradient hook needs about the local batch."""
 
     cel_plans: list = field(default_factory=list)
+    cel_global_counts: "_GlobalDistinctMembers | None" = None
 
 
 class ShardedClusteredEmbeddingBagCollection(
@@ -88,6 +91,9 @@ class ShardedClusteredEmbeddingBagCollection(
         self._pending_interactions = {
             name: torch.zeros(state.num_entities, dtype=torch.int64, device=device)
             for name, state in self._remapper.states.as_dict().items()}
+        for name, state in self._remapper.states.as_dict().items():
+            reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, name,
+                              self._clustering[name], state.capacity, self._dims[name], device)
 
     # ------------------------------------------------------------------ TorchRec plumbing
     def create_context(self) -> ClusteredEmbeddingBagCollectionContext:
@@ -95,13 +101,15 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def input_dist(self, ctx: ClusteredEmbeddingBagCollectionContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        remapped = self._remapper(features)   # replicated map, local batch, before any a2a
-        if self.training and torch.is_grad_enabled() and self._remapper.feature_to_table:
-            ctx.cel_plans = self._hook_plans(features, remapped)
+        # replicated map, local batch, before any all-to-all
+        remapped, slices = self._remapper.remap(features)
+        if self.training and torch.is_grad_enabled() and slices:
+            ctx.cel_plans = self._hook_plans(ctx, features.stride(), slices)
         return self._embedding_bag_collection.input_dist(ctx, remapped)
 
     def compute(self, ctx: ClusteredEmbeddingBagCollectionContext, dist_input: KJTList
                 ) -> list[torch.Tensor]:
+        self._start_global_counts(ctx)
         return self._embedding_bag_collection.compute(ctx, dist_input)
 
     def output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext, output: list[torch.Tensor]
@@ -110,6 +118,7 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        self._start_global_counts(ctx)
         return self._with_hook(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
 
     def prefetch(self, dist_input: KJTList, forward_stream=None, ctx=None) -> None:
@@ -126,55 +135,39 @@ class ShardedClusteredEmbeddingBagCollection(
         return ClusteredEmbeddingBagCollection
 
     # ------------------------------------------------------------------ gradient hook
-    def _hook_plans(self, features: KeyedJaggedTensor, remapped: KeyedJaggedTensor) -> list:
-        batch = features.stride()
-        id_slices = features.to_dict()
-        cluster_slices = remapped.to_dict()
-        plans, global_counts = [], {}
-        batch_tables = [t for t in self._remapper.feature_to_table.values()
-                        if self._clustering[t].grad_average == "batch"]
-        if self._batch_scope == "global" and batch_tables and C.world_size(self._pg) > 1:
-            global_counts = self._global_distinct_members(id_slices)
-        for key, table in self._remapper.feature_to_table.items():
-            if key not in id_slices:
-                continue
-            entity_ids = id_slices[key].values()
-            if entity_ids.numel() != batch:
-                raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
-                                 f"({entity_ids.numel()} ids for {batch} samples)")
-            cluster_ids = cluster_slices[key].values().long()
-            state = self._remapper.states[table]
+    def _hook_plans(self, ctx: ClusteredEmbeddingBagCollectionContext, batch: int,
+                    slices: list[RemappedFeature]) -> list:
+        plans, global_counts = [], None
+        if self._batch_scope == "global" and C.world_size(self._pg) > 1:
+            batch_features = [f for f in slices
+                              if self._clustering[f.table].grad_average == "batch"]
+            if batch_features:
+                global_counts = _GlobalDistinctMembers(batch_features, self._remapper.states,
+                                                       self._pg)
+        ctx.cel_global_counts = global_counts
+        for key, table, entity_ids, cluster_ids in slices:
+            check_one_id_per_sample(key, entity_ids, batch)
             pending = self._pending_interactions[table]
             pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int64))
             self._last_cluster_ids[table] = cluster_ids
-            mode = self._clustering[table].grad_average
-            if key in global_counts:
-                denom = global_counts[key].index_select(0, cluster_ids)
-                scale = 1.0 / denom.clamp_min(1).to(torch.float32)
+            if global_counts is not None and key in global_counts.keys:
+                # needed only in backward: the counts' all-gather overlaps the forward pass
+                scale = functools.partial(global_counts.grad_scale, key, cluster_ids)
             else:
-                scale = cluster_grad_scale(entity_ids, cluster_ids, self._remapper.states[table].member_counts(), mode)
+                scale = cluster_grad_scale(entity_ids, cluster_ids,
+                                           self._remapper.states[table].member_counts(),
+                                           self._clustering[table].grad_average)
             plans.append((key, table, entity_ids, cluster_ids, scale))
         return plans
 
-    def _global_distinct_members(self, id_slices: dict) -> dict[str, torch.Tensor]:
-        """Distinct members per cluster in the global batch, for every `batch`-averaged feature,
-        from ONE all-gather of every rank's distinct ids (features offset into one id space)."""
-        keys, offsets, parts, base = [], [], [], 0
-        for key, table in self._remapper.feature_to_table.items():
-            if key not in id_slices or self._clustering[table].grad_average != "batch":
-                continue
-            state = self._remapper.states[table]
-            keys.append(key)
-            offsets.append(base)
-            parts.append(torch.unique(id_slices[key].values().long()) + base)
-            base += state.num_entities
-        everyone = torch.unique(C.all_gather_variable(torch.cat(parts), self._pg))
-        out = {}
-        for key, start in zip(keys, offsets):
-            state = self._remapper.states[self._remapper.feature_to_table[key]]
-            mine = everyone[(everyone >= start) & (everyone < start + state.num_entities)] - start
-            out[key] = torch.bincount(state.assignment.long()[mine], minlength=state.capacity)
-        return out
+    @staticmethod
+    def _start_global_counts(ctx: ClusteredEmbeddingBagCollectionContext) -> None:
+        """After TorchRec's input dist, which told every rank's batch size: start the one
+        all-gather of the global-batch distinct members (waited for in backward)."""
+        if ctx.cel_global_counts is not None:
+            sizes = [s.batch_size_per_rank for s in ctx.sharding_contexts
+                     if getattr(s, "batch_size_per_rank", None)]
+            ctx.cel_global_counts.start(max(sizes[0]) if sizes else None)
 
     def _with_hook(self, ctx: ClusteredEmbeddingBagCollectionContext,
                    awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
@@ -252,8 +245,8 @@ class ShardedClusteredEmbeddingBagCollection(
         slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
         slot[member] = torch.arange(int(member.sum()), device=device)
         self._windows[table] = _SplitWindow(candidates, slot, self._dims[table])
-        self._cluster_grad_sum[table] = torch.zeros(state.capacity, self._dims[table], device=device)
-        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
+                          self._clustering[table], state.capacity, self._dims[table], device)
 
     def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Collective. (candidates, member entity ids, their gradients summed over ranks)."""
@@ -272,8 +265,8 @@ class ShardedClusteredEmbeddingBagCollection(
         if C.rank(self._pg) == 0:
             window.grads.copy_(grads.to(device))
         self._windows[table] = window
-        self._cluster_grad_sum[table] = torch.zeros(state.capacity, self._dims[table], device=device)
-        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
+                          self._clustering[table], state.capacity, self._dims[table], device)
 
     def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
               plan: SplitPlan | None = None) -> SplitPlan:
@@ -395,6 +388,61 @@ class ShardedClusteredEmbeddingBagCollection(
                                             states=list(states[i]) if states else [],
                                             replicated=replicated))
         return out
+
+
+class _GlobalDistinctMembers:
+    """Distinct members per cluster in the GLOBAL batch, for the `batch`-averaged features of one
+    training step (batch_scope `global`). Every rank's distinct entity ids (features offset into
+    one id space) travel in ONE all-gather, padded to a bound all ranks know without talking
+    (the largest per-rank batch, from TorchRec's input dist, times the number of features); it is
+    started after the input dist and waited for when backward first needs a scale. Without that
+    bound (variable stride per key) it falls back to a synchronous two-collective gather."""
+
+    def __init__(self, features: list[RemappedFeature], states: ClusterStates,
+                 group: dist.ProcessGroup | None) -> None:
+        self._states = states
+        self._group = group
+        self.keys: dict[str, tuple[str, int]] = {}          # key -> (table, id offset)
+        parts, base = [], 0
+        for f in features:
+            self.keys[f.key] = (f.table, base)
+            parts.append(torch.unique(f.entity_ids.long()) + base)
+            base += states[f.table].num_entities
+        self._local = torch.cat(parts)
+        self._gathered: torch.Tensor | None = None
+        self._work = None
+        self._started = False
+        self._counts: dict[str, torch.Tensor] | None = None
+
+    def start(self, max_batch_per_rank: int | None) -> None:
+        """Issue the all-gather (once; `None`: no bound known, `counts` gathers instead)."""
+        if self._started:
+            return
+        if max_batch_per_rank is not None:
+            self._gathered, self._work = C.all_gather_padded(
+                self._local, max_batch_per_rank * len(self.keys), fill=-1, group=self._group)
+        self._started = True
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        if self._counts is None:
+            if self._gathered is None:        # no bound known (or never started): two collectives
+                everyone = C.all_gather_variable(self._local, self._group)
+            else:
+                if self._work is not None:
+                    self._work.wait()
+                everyone = self._gathered[self._gathered >= 0]
+            everyone = torch.unique(everyone)
+            self._counts = {}
+            for key, (table, start) in self.keys.items():
+                state = self._states[table]
+                mine = everyone[(everyone >= start) & (everyone < start + state.num_entities)] - start
+                self._counts[key] = torch.bincount(state.assignment.long()[mine],
+                                                   minlength=state.capacity)
+        return self._counts
+
+    def grad_scale(self, key: str, cluster_ids: torch.Tensor) -> torch.Tensor:
+        denom = self.counts()[key].index_select(0, cluster_ids)
+        return 1.0 / denom.clamp_min(1).to(torch.float32)
 
 
 def _plan_to(plan: SplitPlan | None, device) -> SplitPlan | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -71,6 +72,15 @@ class ClusterStates(nn.Module):
         return dict(self._modules)  # type: ignore[arg-type]
 
 
+class RemappedFeature(NamedTuple):
+    """One clustered feature of a remapped batch: its entity ids and their cluster ids (int64)."""
+
+    key: str
+    table: str
+    entity_ids: torch.Tensor
+    cluster_ids: torch.Tensor
+
+
 class ClusterRemapper(nn.Module):
     """Per clustered table: its ClusterState; `forward` maps a KJT's entity ids to cluster ids."""
 
@@ -96,11 +106,19 @@ class ClusterRemapper(nn.Module):
                 self.feature_to_table[f] = t.name
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return self.remap(features)[0]
+
+    def remap(self, features: KeyedJaggedTensor
+              ) -> tuple[KeyedJaggedTensor, list[RemappedFeature]]:
+        """The KJT with every clustered feature's entity ids replaced by cluster ids, and per
+        clustered feature its entity and cluster ids (slices of the KJT's values, so the gradient
+        hook needs no `to_dict()` of either KJT)."""
         if not self.feature_to_table:
-            return features
+            return features, []
         values = features.values()
         offsets = features.offset_per_key()
         new_values = values.clone()
+        remapped = []
         for i, key in enumerate(features.keys()):      # loop over features, not entities
             table = self.feature_to_table.get(key)
             if table is None:
@@ -108,13 +126,18 @@ class ClusterRemapper(nn.Module):
             start, end = offsets[i], offsets[i + 1]
             ids = values[start:end]
             state = self.states[table]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.num_entities):
-                raise IndexError(f"feature {key!r}: ids must be in [0, {state.num_entities}), got "
-                                 f"[{int(ids.min())}, {int(ids.max())}]")
-            new_values[start:end] = remap_ids(state.assignment, ids).to(values.dtype)
-        return KeyedJaggedTensor(keys=features.keys(), values=new_values,
-                                 lengths=features.lengths(), offsets=features.offsets(),
-                                 weights=features.weights_or_none(), stride=features.stride())
+            if ids.numel():
+                low, high = (int(v) for v in torch.aminmax(ids))
+                if low < 0 or high >= state.num_entities:
+                    raise IndexError(f"feature {key!r}: ids must be in [0, {state.num_entities}), "
+                                     f"got [{low}, {high}]")
+            cluster_ids = remap_ids(state.assignment, ids)
+            new_values[start:end] = cluster_ids.to(values.dtype)
+            remapped.append(RemappedFeature(key, table, ids, cluster_ids))
+        kjt = KeyedJaggedTensor(keys=features.keys(), values=new_values,
+                                lengths=features.lengths(), offsets=features.offsets(),
+                                weights=features.weights_or_none(), stride=features.stride())
+        return kjt, remapped
 
 
 class _SplitWindow:
@@ -178,6 +201,9 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, torch.Tensor] = {}
+        for name, state in self._remapper.states.as_dict().items():
+            reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, name,
+                              clustering[name], state.capacity, widths[name], device)
 
     # ------------------------------------------------------------------ lookup
     @property
@@ -195,10 +221,10 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         return self._embedding_bag_collection.embedding_bags[table].weight
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        remapped = self._remapper(features)
+        remapped, slices = self._remapper.remap(features)
         kt = self._embedding_bag_collection(remapped)
-        if self.training and torch.is_grad_enabled() and self._remapper.feature_to_table:
-            kt = self._attach_cluster_hooks(features, remapped, kt)
+        if self.training and torch.is_grad_enabled() and slices:
+            kt = self._attach_cluster_hooks(features.stride(), slices, kt)
         if len(self.entity_biases):
             kt = self._add_entity_biases(features, kt)
         return kt
@@ -234,20 +260,11 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         out[:, self._clustering[table].entity_bias_column] = bias
         return out
 
-    def _attach_cluster_hooks(self, features: KeyedJaggedTensor, remapped: KeyedJaggedTensor,
+    def _attach_cluster_hooks(self, batch: int, slices: list[RemappedFeature],
                               kt: KeyedTensor) -> KeyedTensor:
-        batch = features.stride()
-        id_slices = features.to_dict()
-        cluster_slices = remapped.to_dict()
         plans = []
-        for key, table in self._remapper.feature_to_table.items():
-            if key not in id_slices:
-                continue
-            entity_ids = id_slices[key].values()
-            if entity_ids.numel() != batch:
-                raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
-                                 f"({entity_ids.numel()} ids for {batch} samples)")
-            cluster_ids = cluster_slices[key].values().long()
+        for key, table, entity_ids, cluster_ids in slices:
+            check_one_id_per_sample(key, entity_ids, batch)
             state = self._remapper.states[table]
             state.count_interactions(entity_ids)
             self._last_cluster_ids[table] = cluster_ids
@@ -275,7 +292,8 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         candidates = choose_clusters(
             cfg.split_criterion, state.num_active, cfg.splits_per_event,
             member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
-            grad_norms=self._cluster_grad_sum[table].norm(dim=1) if table in self._cluster_grad_sum else None,
+            grad_norms=(self._cluster_grad_sum[table].norm(dim=1)
+                        if table in self._cluster_grad_sum else None),
             loss_sums=self._cluster_loss_sum.get(table))
         in_candidate = torch.zeros(state.capacity, dtype=torch.bool, device=device)
         in_candidate[candidates] = True
@@ -283,8 +301,8 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
         slot[member] = torch.arange(int(member.sum()), device=device)
         self._windows[table] = _SplitWindow(candidates, slot, dim)
-        self._cluster_grad_sum[table] = torch.zeros(state.capacity, dim, device=device)
-        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table, cfg,
+                          state.capacity, dim, device)
         return candidates
 
     def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
@@ -298,9 +316,9 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         window = _SplitWindow(candidates.to(device), slot, grads.shape[1])
         window.grads.copy_(grads.to(device))
         self._windows[table] = window
-        dim = self.table_weight(table).shape[1]
-        self._cluster_grad_sum[table] = torch.zeros(state.capacity, dim, device=device)
-        self._cluster_loss_sum[table] = torch.zeros(state.capacity, device=device)
+        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
+                          self._clustering[table], state.capacity,
+                          self.table_weight(table).shape[1], device)
 
     def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(candidates, member entity ids, their accumulated gradients) of the open window."""
@@ -362,18 +380,22 @@ def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
     """Wrap the pooled output so that its backward, per clustered feature in `plans`
     (`(key, table, entity_ids, cluster_ids, scale)`), records the unscaled per-entity gradients
     into the table's open split window, scales each sample's gradient by `scale` (per-cluster
-    averaging) and adds the averaged gradients to the table's per-cluster sums. Shared by the
-    unsharded module and its sharded twin."""
+    averaging; a tensor, or a callable giving it when it depends on a collective still in flight)
+    and adds the averaged gradients to the table's per-cluster sums. Shared by the unsharded
+    module and its sharded twin."""
     columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         out = grad.clone()
         for key, table, entity_ids, cluster_ids, scale in plans:
             a, b = columns[key]
-            g = grad[:, a:b]
+            # a contiguous copy: index_add_ from a strided column slice is ~4x slower on CPU
+            g = grad[:, a:b].contiguous()
             window = windows.get(table)
             if window is not None:
                 scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, g)
+            if callable(scale):
+                scale = scale()
             averaged = g * scale[:, None].to(g.dtype)
             acc = cluster_grad_sum.get(table)
             if acc is not None:
@@ -384,6 +406,26 @@ def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
     values = _GradHook.apply(kt.values(), hook)
     return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
                        key_dim=kt.key_dim())
+
+
+def reset_window_sums(grad_sums: dict, loss_sums: dict, table: str, cfg: ClusteringConfig,
+                      capacity: int, dim: int, device: torch.device | None) -> None:
+    """Start `table`'s per-cluster sums for the next split window, only those its split criterion
+    reads (gradient sums for `grad_norm`, loss sums for `loss` / `mean_loss`): each costs an
+    `index_add_` per training step. Zeros before the first window, so it chooses by id."""
+    grad_sums.pop(table, None)
+    loss_sums.pop(table, None)
+    if cfg.split_criterion == "grad_norm":
+        grad_sums[table] = torch.zeros(capacity, dim, device=device)
+    if cfg.split_criterion in ("loss", "mean_loss"):
+        loss_sums[table] = torch.zeros(capacity, device=device)
+
+
+def check_one_id_per_sample(key: str, entity_ids: torch.Tensor, batch: int) -> None:
+    """Clustered features carry exactly one entity id per sample (see the class docstring)."""
+    if entity_ids.numel() != batch:
+        raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
+                         f"({entity_ids.numel()} ids for {batch} samples)")
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:

@@ -271,3 +271,42 @@ def _check_fused_state_copy(rank, world, sharding_type, ckpt_dir):
 def test_sharded_matches_unsharded_oracle(sharding_type, tmp_path):
     results = run_ranks(_worker, sharding_type, str(tmp_path / "ckpt"))
     assert results[0] == results[1]
+
+
+def _global_counts_worker(rank, world):
+    """Distinct members per cluster of the global batch when the ranks' batches differ in size
+    and overlap: the one padded all-gather (bound = largest per-rank batch) and the two-collective
+    fallback both equal a brute force over the concatenated batch."""
+    from cel_torchrec.distributed.sharded_clustered_ebc import _GlobalDistinctMembers
+    from cel_torchrec.modules.clustered_ebc import ClusterRemapper, RemappedFeature
+    from cel_torchrec.modules import ClusteringConfig
+    remapper = ClusterRemapper(_tables(), {"user": ClusteringConfig(max_clusters=CAP, init_clusters=3),
+                                           "item": ClusteringConfig(max_clusters=CAP, init_clusters=4)})
+    g = torch.Generator().manual_seed(5)
+    sizes = [16, 10]                                    # unequal local batches
+    users = [torch.randint(0, USERS, (n,), generator=g) for n in sizes]
+    items = [torch.randint(0, ITEMS, (n,), generator=g) for n in sizes]
+    _, features = remapper.remap(_kjt(users[rank], items[rank]))
+    got = []
+    for bound in (max(sizes), None):
+        counts = _GlobalDistinctMembers(features, remapper.states, None)
+        counts.start(bound)
+        got.append(counts.counts())
+    want = {}
+    for key, table, ids in (("user_id", "user", torch.cat(users)), ("item_id", "item", torch.cat(items))):
+        assignment = remapper.states[table].assignment.long()
+        want[key] = torch.bincount(assignment[torch.unique(ids)], minlength=CAP)
+    for counts in got:
+        assert set(counts) == set(want)
+        for key in want:
+            assert torch.equal(counts[key], want[key]), (key, counts[key], want[key])
+    scale = _GlobalDistinctMembers(features, remapper.states, None)
+    scale.start(max(sizes))
+    item = next(f for f in features if f.key == "item_id")
+    assert torch.equal(scale.grad_scale("item_id", item.cluster_ids),
+                       1.0 / want["item_id"][item.cluster_ids].float())
+    return True
+
+
+def test_global_batch_distinct_members_with_unequal_rank_batches():
+    assert run_ranks(_global_counts_worker) == [True, True]
