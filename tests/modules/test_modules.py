@@ -134,3 +134,24 @@ def test_qr_baseline():
     assert torch.allclose(out["item_id"], expected)
     assert torch.allclose(out["user_id"], bags["user"].weight[torch.tensor([0, 1])])
     assert q.embedding_bytes() == (7 + 3 + 4) * D * 4
+
+
+@pytest.mark.parametrize("criterion", ["grad_norm", "loss", "mean_loss"])
+def test_statistic_criteria_first_window_then_their_window_sums(criterion):
+    """The criteria that read per-cluster sums open their first window with no statistics
+    (zeros: the lowest eligible id), then pick the cluster whose members had gradient / loss."""
+    torch.manual_seed(0)
+    m = ClusteredEmbeddingBagCollection(tables(), {"item": ClusteringConfig(
+        max_clusters=5, split_criterion=criterion)})
+    state = m.cluster_states["item"]
+    state.assignment.copy_(torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1], dtype=torch.int32))
+    state.num_active = 3
+    m.train()
+    assert m.begin_split_window("item").tolist() == [0]
+    users, items = [0, 1, 2], [5, 6, 5]                 # only cluster 2's members
+    out = m(kjt(users, items)).to_dict()
+    pred = (out["user_id"] * out["item_id"]).sum(1)
+    losses = (pred - 3.0) ** 2
+    losses.sum().backward()
+    m.observe_losses(losses.detach())
+    assert m.begin_split_window("item").tolist() == [2]
