@@ -325,6 +325,8 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.ingest import ShardMaterializedDataConfig
+
     config = _absolute_paths(config)
     started_ray = init_ray(config)
     try:
@@ -375,7 +377,8 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
                     num_to_keep=get(config, "ray.checkpoints_to_keep", 2)),
                 callbacks=[_progress_callback()] if progress else None),
             datasets=datasets or None,
-            dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+            dataset_config=ShardMaterializedDataConfig(datasets_to_split="all").presplit(
+                datasets or {}, num_workers),
         )
         print(f"[ray_train] {num_workers} workers x {resources}  datasets "
               f"{dataset_rows or '(none: workers read locally)'}  storage {ray_run_dir}",
