@@ -176,3 +176,25 @@ def test_fault_tolerance(local_ray, tmp_path):
     assert metrics["epochs"] == 3 and len(metrics["losses"]) == 3
     assert metrics["losses"][2] < metrics["losses"][0]
     assert json.loads((pathlib.Path(result.checkpoint.path) / "meta.json").read_text()) == {"epoch": 2}
+
+
+def test_materialized_datasets_get_equal_disjoint_presplit_shards(local_ray):
+    """jobs.ingest: a materialized dataset is split in the driver into equal, disjoint worker
+    shards (the remainder dropped, as streaming_split(equal=True) does); a lazy one keeps Ray
+    Train's streaming split."""
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    from jobs.ingest import ShardMaterializedDataConfig
+    train = ray.data.from_items([{"x": i} for i in range(11)]).materialize()
+    val = ray.data.range(10)
+    datasets = {"train": train, "val": val}
+    config = ShardMaterializedDataConfig(datasets_to_split="all").presplit(datasets, 2)
+    assert [s.count() for s in config._shards["train"]] == [5, 5] and "val" not in config._shards
+    out = config.configure(datasets, world_size=2, worker_handles=None, worker_node_ids=None)
+    shards = [sorted(row["x"] for row in out[rank]["train"].iter_rows()) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) <= set(range(11))
+    assert all(isinstance(out[rank]["val"], StreamSplitDataIterator) for rank in range(2))
+    # a world size other than the pre-split one is split at configure time
+    out3 = config.configure({"train": train}, world_size=3, worker_handles=None, worker_node_ids=None)
+    assert [len(list(out3[rank]["train"].iter_rows())) for rank in range(3)] == [3, 3, 3]
