@@ -26,16 +26,11 @@ def segment_count(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
 def distinct_members_in_batch(entity_ids: torch.Tensor, cluster_ids: torch.Tensor,
                               num_clusters: int) -> torch.Tensor:
     """Number of distinct entities of each cluster present in the batch, `int64[num_clusters]`."""
-    uniq, first = _unique_first(entity_ids.long())
-    return segment_count(cluster_ids.long()[first], num_clusters)
-
-
-def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique values and the index of one occurrence of each."""
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
-    return uniq, first
+    uniq, inverse = torch.unique(entity_ids.long(), return_inverse=True)
+    # the cluster of each distinct entity (all its occurrences carry the same one)
+    cluster_of = torch.empty(uniq.numel(), dtype=torch.long, device=uniq.device)
+    cluster_of.scatter_(0, inverse, cluster_ids.long())
+    return segment_count(cluster_of, num_clusters)
 
 
 def cluster_grad_scale(entity_ids: torch.Tensor, cluster_ids: torch.Tensor,
