@@ -126,8 +126,8 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4096, help="global batch (split over ranks)")
-    p.add_argument("--steps", type=int, default=60, help="timed steps per model")
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds over the models")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per model")
+    p.add_argument("--rounds", type=int, default=40, help="interleaved rounds over the models")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--epoch-interactions", type=int, default=1_000_209,
@@ -151,15 +151,27 @@ def main(argv=None):
     records = [{**common, "method": "full", "step_time_s": full_s,
                 "samples_per_s": args.batch / full_s,
                 "embedding_bytes": (args.users + args.items) * args.dim * 4, "vs_full": 1.0}]
+    chunk = max(1, args.steps // args.rounds)
+
+    def round_ratios(name):
+        """CEL/full median step time within each interleaved round: the spread of these is how
+        much the shared machine's drift moves the ratio."""
+        cel, full = res[name], res["full"]
+        return [statistics.median(cel[i:i + chunk]) / statistics.median(full[i:i + chunk])
+                for i in range(0, min(len(cel), len(full)), chunk)]
+
     for mode, scope in VARIANTS:
-        t = statistics.median(res[f"cel_{mode}_{scope}"])
+        name = f"cel_{mode}_{scope}"
+        t = statistics.median(res[name])
+        q = statistics.quantiles(round_ratios(name), n=4) if args.rounds >= 4 else [None] * 3
         records.append({**common, "method": "cel", "grad_average": mode,
                         "batch_scope": scope if mode == "batch" else "",
                         "user_clusters": args.clusters, "item_clusters": args.clusters,
                         "step_time_s": t, "samples_per_s": args.batch / t,
-                        "embedding_bytes": res["cel_bytes"], "vs_full": t / full_s})
+                        "embedding_bytes": res["cel_bytes"], "vs_full": t / full_s,
+                        "vs_full_rounds_p25": q[0], "vs_full_rounds_p75": q[2]})
     print_table(records, ["method", "grad_average", "batch_scope", "step_time_s", "samples_per_s", "vs_full",
-                          "embedding_bytes"])
+                          "vs_full_rounds_p25", "vs_full_rounds_p75", "embedding_bytes"])
     remap_s = statistics.median(res["remap"])
     epoch_s = steps_per_epoch * statistics.median(res["cel_batch_global"])
     split_s = res["split"][0]
