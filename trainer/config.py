@@ -150,11 +150,14 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    """Process-group backend (`auto`: nccl on GPUs, else gloo) and the table sharding type."""
+    """Process-group backend (`auto`: nccl on GPUs, else gloo), the table sharding type, and for
+    `grad_average: batch` tables where the distinct members are counted: in the `global` batch
+    (exact, one all-gather per step) or in each rank's `local` batch (no communication)."""
 
     backend: str = _choice("auto", "auto", "gloo", "nccl")
     sharding: str = _choice("table_wise", "table_wise", "column_wise", "row_wise",
                             "data_parallel")
+    batch_scope: str = _choice("global", "global", "local")
 
 
 @dataclass

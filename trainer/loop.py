@@ -213,7 +213,8 @@ class TrainRecipe:
                   f"users {self.meta.num_users:,} items {self.meta.num_items:,} "
                   f"train rows {self.meta.splits.get('train', 0):,}  method {cfg.embedding.method} "
                   f"model {cfg.model.name}  embedding bytes {self.embedding_bytes:,}"
-                  + (f"  ranks {env.world_size} ({env.backend}, {cfg.dist.sharding})"
+                  + (f"  ranks {env.world_size} ({env.backend}, {cfg.dist.sharding}"
+                     + (f", batch_scope {self.cel.batch_scope}" if self.cel is not None else "") + ")"
                      if env.distributed else "")
                   + ("  (resumed at step %d)" % self.step if resumed else ""), flush=True)
 
@@ -262,7 +263,7 @@ class TrainRecipe:
                                            device=torch.device("meta"))
             unsharded = plain
         dmp = shard_model(unsharded, sharding_type=cfg.dist.sharding, fused_params=fused,
-                          device=self.env.device)
+                          device=self.env.device, batch_scope=cfg.dist.batch_scope)
         load_unsharded_state(dmp, state)
         self.model = torch.nn.parallel.DistributedDataParallel(self.model)
         cel = next(iter(clustered_modules(dmp).values()), None)

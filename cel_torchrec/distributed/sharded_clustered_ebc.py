@@ -185,6 +185,10 @@ class ShardedClusteredEmbeddingBagCollection(
         return self._remapper.states
 
     @property
+    def batch_scope(self) -> str:
+        return self._batch_scope
+
+    @property
     def clustered_tables(self) -> list[str]:
         return list(self._remapper.states)
 

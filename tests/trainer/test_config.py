@@ -123,6 +123,7 @@ def test_unknown_key_in_yaml(tmp_path):
     ("embedding.hash_buckets={items: many}", "embedding.hash_buckets.items"),
     ("model.name=transformer", "model.name"),
     ("cel.items.split_method=random", "cel.items.split_method"),
+    ("dist.batch_scope=everywhere", "dist.batch_scope"),
     ("train.seed=true", "train.seed"),
     ("cel=3", "cel"),
     ("model.hidden.x=1", "model.hidden"),

@@ -89,7 +89,7 @@ def test_torchrun_two_processes_smoke(tmp_path):
     assert metrics["steps"] == 12 and metrics["num_clusters_items"] > 1
     phases = [json.loads(line) for line in (run_dir / "phases.jsonl").read_text().splitlines()]
     assert any(p["kind"] == "split" and p["splits"] >= 1 for p in phases)
-    assert "ranks 2 (gloo, table_wise)" in proc.stdout
+    assert "ranks 2 (gloo, table_wise, batch_scope global)" in proc.stdout
     assert (run_dir / "checkpoint" / "sharded").is_dir()
 
 
