@@ -20,7 +20,7 @@ COLUMNS = {
                 "samples_per_s", "embedding_bytes", "phase",
                 "seconds", "fraction_of_epoch"],
     "gpu_ops": ["op", "seconds", "vs_full_lookup", "batch", "entities", "clusters", "dim"],
-    "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local"],
+    "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local", "first_epoch_s", "wall_s"],
 }
 SKIP = {"note", "args"}
 

@@ -97,7 +97,7 @@ class RayWorkerContext:
         return split in self.dataset_rows
 
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
-        """Batches this rank yields per epoch. Shards are equal (Ray's `streaming_split(equal=
+        """Batches this rank yields per epoch. Shards are equal (`split` / `streaming_split(equal=
         True)` drops the remainder), so every rank computes the same number without talking."""
         rows = self.dataset_rows[split] // self.world_size
         return rows // batch_size if drop_last else math.ceil(rows / batch_size)
