@@ -408,9 +408,9 @@ class _GlobalDistinctMembers:
         self._group = group
         self.keys: dict[str, tuple[str, int]] = {}          # key -> (table, id offset)
         parts, base = [], 0
-        for f in features:
+        for f in features:      # raw ids: one unique over the gathered ids does all the work
             self.keys[f.key] = (f.table, base)
-            parts.append(torch.unique(f.entity_ids.long()) + base)
+            parts.append(f.entity_ids.long() + base)
             base += states[f.table].num_entities
         self._local = torch.cat(parts)
         self._gathered: torch.Tensor | None = None
@@ -435,13 +435,17 @@ class _GlobalDistinctMembers:
                 if self._work is not None:
                     self._work.wait()
                 everyone = self._gathered[self._gathered >= 0]
-            everyone = torch.unique(everyone)
+            # sorted distinct ids, each feature one slice (sort + unique_consecutive: ~2x
+            # faster than torch.unique on CPU)
+            everyone = torch.unique_consecutive(torch.sort(everyone).values)
             self._counts = {}
             for key, (table, start) in self.keys.items():
                 state = self._states[table]
-                mine = everyone[(everyone >= start) & (everyone < start + state.num_entities)] - start
-                self._counts[key] = torch.bincount(state.assignment.long()[mine],
-                                                   minlength=state.capacity)
+                bounds = torch.tensor([start, start + state.num_entities], device=everyone.device)
+                lo, hi = torch.searchsorted(everyone, bounds).tolist()
+                # gather then widen: never convert the whole O(entities) map per step
+                clusters = state.assignment.index_select(0, everyone[lo:hi] - start).long()
+                self._counts[key] = torch.bincount(clusters, minlength=state.capacity)
         return self._counts
 
     def grad_scale(self, key: str, cluster_ids: torch.Tensor) -> torch.Tensor:
