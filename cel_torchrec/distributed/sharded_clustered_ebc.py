@@ -58,7 +58,7 @@ class ShardedClusteredEmbeddingBagCollection(
 
     `batch_scope` only matters for tables with `grad_average == "batch"`: `global` (default)
     divides by the number of distinct members of the cluster in the *global* batch (an
-    all-gather of the local distinct ids every training step; equals the unsharded module fed the
+    all-gather of the local entity ids every training step; equals the unsharded module fed the
     global batch); `local` divides by the count in this rank's batch (no communication; the
     summed gradient is then up to `world_size` times larger for clusters seen on several ranks).
     """
@@ -396,7 +396,7 @@ class ShardedClusteredEmbeddingBagCollection(
 
 class _GlobalDistinctMembers:
     """Distinct members per cluster in the GLOBAL batch, for the `batch`-averaged features of one
-    training step (batch_scope `global`). Every rank's distinct entity ids (features offset into
+    training step (batch_scope `global`). Every rank's entity ids (features offset into
     one id space) travel in ONE all-gather, padded to a bound all ranks know without talking
     (the largest per-rank batch, from TorchRec's input dist, times the number of features); it is
     started after the input dist and waited for when backward first needs a scale. Without that
