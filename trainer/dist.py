@@ -1,6 +1,7 @@
 """The one place that chooses device and process-group backend (nccl on GPUs, gloo on CPU)."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str | None          # None: single process, no process group
+    owns_process_group: bool = False   # created here (torchrun), not by Ray Train
 
     @property
     def is_main(self) -> bool:
@@ -44,12 +46,14 @@ def init_distributed(requested_backend: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    owns = False
     if dist.is_available() and dist.is_initialized():
         backend = dist.get_backend()
         world_size, rank = dist.get_world_size(), dist.get_rank()
     elif world_size > 1:
         backend = choose_backend(requested_backend, cuda)
         dist.init_process_group(backend=backend)
+        owns = True
     else:
         backend = None
     if cuda:
@@ -58,7 +62,18 @@ def init_distributed(requested_backend: str = "auto") -> DistEnv:
     else:
         device = torch.device("cpu")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                   backend=backend)
+                   backend=backend, owns_process_group=owns)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Destroy the process group `init_distributed` created (Ray Train owns its own), after
+    collecting garbage: a process group kept alive by reference cycles until interpreter exit
+    lets a gloo worker thread free a finished work's tensors during finalization, which aborts
+    the process (SIGABRT, "terminate called without an active exception"; seen in our 2-process
+    tests)."""
+    if env.owns_process_group and dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def all_reduce_(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:

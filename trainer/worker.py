@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.dist import init_distributed
+from trainer.dist import DistEnv, init_distributed, shutdown_distributed
 from trainer.loop import TrainRecipe
 
 
@@ -16,6 +16,13 @@ def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
         import torch
         torch.set_num_threads(cfg.train.num_threads)
     env = init_distributed(cfg.dist.backend)
+    try:
+        return _train(cfg, env, ray_ctx)      # the recipe (model, process-group users) dies here
+    finally:
+        shutdown_distributed(env)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, ray_ctx: Any) -> dict:
     recipe = TrainRecipe(cfg, env, ray_ctx=ray_ctx)
     recipe.setup()
     try:

@@ -80,28 +80,24 @@ def all_gather_variable(ids: torch.Tensor, group: dist.ProcessGroup | None = Non
     dist.all_gather(lengths, length, group=group)
     sizes = [int(x) for x in lengths]
     longest = max(sizes)
-    padded = torch.zeros(longest, dtype=ids.dtype, device=ids.device)
-    padded[: ids.numel()] = ids
-    parts = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    gathered = all_gather_padded(ids, longest, fill=0, group=group)
+    return torch.cat([gathered[r * longest: r * longest + s] for r, s in enumerate(sizes)])
 
 
 def all_gather_padded(values: torch.Tensor, length: int, fill: int = -1,
-                      group: dist.ProcessGroup | None = None
-                      ) -> tuple[torch.Tensor, dist.Work | None]:
-    """Start ONE asynchronous all-gather of a 1-D tensor padded with `fill` to `length` (a bound
-    every rank agrees on): returns the `[world_size * length]` output, valid once the returned
-    work has been waited on (None: nothing to wait for)."""
+                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """ONE all-gather of a 1-D tensor padded with `fill` to `length` (a bound every rank agrees
+    on, so no round for the sizes): the `[world_size * length]` concatenation over ranks."""
     if values.numel() > length:
         raise ValueError(f"all_gather_padded: {values.numel()} values exceed the bound {length}")
     padded = torch.full((length,), fill, dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
     n = world_size(group)
     if n <= 1:
-        return padded, None
-    out = torch.empty(n * length, dtype=values.dtype, device=values.device)
-    return out, dist.all_gather_into_tensor(out, padded, group=group, async_op=True)
+        return padded
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)
 
 
 def replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:

@@ -151,7 +151,7 @@ class ShardedClusteredEmbeddingBagCollection(
             pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int64))
             self._last_cluster_ids[table] = cluster_ids
             if global_counts is not None and key in global_counts.keys:
-                # needed only in backward: the counts' all-gather overlaps the forward pass
+                # counted in backward, from the all-gather run after the input dist
                 scale = functools.partial(global_counts.grad_scale, key, cluster_ids)
             else:
                 scale = cluster_grad_scale(entity_ids, cluster_ids,
@@ -162,12 +162,12 @@ class ShardedClusteredEmbeddingBagCollection(
 
     @staticmethod
     def _start_global_counts(ctx: ClusteredEmbeddingBagCollectionContext) -> None:
-        """After TorchRec's input dist, which told every rank's batch size: start the one
-        all-gather of the global-batch distinct members (waited for in backward)."""
+        """After TorchRec's input dist, which told every rank's batch size: the one all-gather
+        of the global batch's entity ids (counted only when backward needs them)."""
         if ctx.cel_global_counts is not None:
             sizes = [s.batch_size_per_rank for s in ctx.sharding_contexts
                      if getattr(s, "batch_size_per_rank", None)]
-            ctx.cel_global_counts.start(max(sizes[0]) if sizes else None)
+            ctx.cel_global_counts.gather(max(sizes[0]) if sizes else None)
 
     def _with_hook(self, ctx: ClusteredEmbeddingBagCollectionContext,
                    awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
@@ -396,11 +396,13 @@ class ShardedClusteredEmbeddingBagCollection(
 
 class _GlobalDistinctMembers:
     """Distinct members per cluster in the GLOBAL batch, for the `batch`-averaged features of one
-    training step (batch_scope `global`). Every rank's entity ids (features offset into
-    one id space) travel in ONE all-gather, padded to a bound all ranks know without talking
-    (the largest per-rank batch, from TorchRec's input dist, times the number of features); it is
-    started after the input dist and waited for when backward first needs a scale. Without that
-    bound (variable stride per key) it falls back to a synchronous two-collective gather."""
+    training step (batch_scope `global`). Every rank's entity ids (features offset into one id
+    space) travel in ONE all-gather, padded to a bound all ranks know without talking (the
+    largest per-rank batch, from TorchRec's input dist, times the number of features), run
+    right after the input dist; the counts are computed when backward first needs a scale.
+    Without that bound (variable stride per key) a two-collective gather is used instead.
+    (An asynchronous all-gather waited for in backward measured no faster on gloo/CPU, and an
+    outstanding gloo work at shutdown is one more thing that can go wrong.)"""
 
     def __init__(self, features: list[RemappedFeature], states: ClusterStates,
                  group: dist.ProcessGroup | None) -> None:
@@ -408,36 +410,35 @@ class _GlobalDistinctMembers:
         self._group = group
         self.keys: dict[str, tuple[str, int]] = {}          # key -> (table, id offset)
         parts, base = [], 0
-        for f in features:      # raw ids: one unique over the gathered ids does all the work
+        for f in features:      # raw ids: one dedup over the gathered ids does all the work
             self.keys[f.key] = (f.table, base)
             parts.append(f.entity_ids.long() + base)
             base += states[f.table].num_entities
         self._local = torch.cat(parts)
         self._gathered: torch.Tensor | None = None
-        self._work = None
-        self._started = False
         self._counts: dict[str, torch.Tensor] | None = None
 
-    def start(self, max_batch_per_rank: int | None) -> None:
-        """Issue the all-gather (once; `None`: no bound known, `counts` gathers instead)."""
-        if self._started:
+    def gather(self, max_batch_per_rank: int | None) -> None:
+        """Collective: gather every rank's ids (once; `None`: no bound known)."""
+        if self._gathered is not None:
             return
-        if max_batch_per_rank is not None:
-            self._gathered, self._work = C.all_gather_padded(
-                self._local, max_batch_per_rank * len(self.keys), fill=-1, group=self._group)
-        self._started = True
+        if max_batch_per_rank is None:
+            self._gathered = C.all_gather_variable(self._local, self._group)
+        else:
+            gathered = C.all_gather_padded(self._local, max_batch_per_rank * len(self.keys),
+                                           fill=-1, group=self._group)
+            self._gathered = gathered[gathered >= 0]
+        # the gradient hook keeps this object until backward: it must not keep the process group
+        self._group = self._local = None
 
     def counts(self) -> dict[str, torch.Tensor]:
         if self._counts is None:
-            if self._gathered is None:        # no bound known (or never started): two collectives
-                everyone = C.all_gather_variable(self._local, self._group)
-            else:
-                if self._work is not None:
-                    self._work.wait()
-                everyone = self._gathered[self._gathered >= 0]
+            if self._gathered is None:
+                raise RuntimeError("global batch counts used before the all-gather "
+                                   "(compute / compute_and_output_dist did not run)")
             # sorted distinct ids, each feature one slice (sort + unique_consecutive: ~2x
             # faster than torch.unique on CPU)
-            everyone = torch.unique_consecutive(torch.sort(everyone).values)
+            everyone = torch.unique_consecutive(torch.sort(self._gathered).values)
             self._counts = {}
             for key, (table, start) in self.keys.items():
                 state = self._states[table]

@@ -2,6 +2,7 @@
 each rank returns."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
@@ -30,6 +31,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> Non
         traceback.print_exc()
         raise
     finally:
+        gc.collect()      # see trainer.dist.shutdown_distributed
         dist.destroy_process_group()
 
 

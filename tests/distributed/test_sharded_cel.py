@@ -290,7 +290,7 @@ def _global_counts_worker(rank, world):
     got = []
     for bound in (max(sizes), None):
         counts = _GlobalDistinctMembers(features, remapper.states, None)
-        counts.start(bound)
+        counts.gather(bound)
         got.append(counts.counts())
     want = {}
     for key, table, ids in (("user_id", "user", torch.cat(users)), ("item_id", "item", torch.cat(items))):
@@ -301,7 +301,7 @@ def _global_counts_worker(rank, world):
         for key in want:
             assert torch.equal(counts[key], want[key]), (key, counts[key], want[key])
     scale = _GlobalDistinctMembers(features, remapper.states, None)
-    scale.start(max(sizes))
+    scale.gather(max(sizes))
     item = next(f for f in features if f.key == "item_id")
     assert torch.equal(scale.grad_scale("item_id", item.cluster_ids),
                        1.0 / want["item_id"][item.cluster_ids].float())

@@ -101,3 +101,23 @@ def test_cli_rejects_bad_config_and_missing_data_with_exit_2(tmp_path):
     no_data = subprocess.run([*base, f"data.path={tmp_path / 'nowhere'}", f"run.dir={tmp_path}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert no_data.returncode == 2 and "not a prepared dataset" in no_data.stderr
+
+
+def _group_owner_worker(rank, world):
+    """Under a process group someone else created (Ray Train's case), the trainer neither claims
+    nor destroys it."""
+    import torch.distributed as dist
+
+    from trainer.dist import shutdown_distributed
+    env = init_distributed()
+    shutdown_distributed(env)
+    return (env.owns_process_group, env.world_size, dist.is_initialized())
+
+
+def test_trainer_destroys_only_the_process_group_it_created():
+    from tests.distributed.harness import run_ranks
+    from trainer.dist import shutdown_distributed
+    single = init_distributed()                       # one process: no group at all
+    assert (single.owns_process_group, single.backend) == (False, None)
+    shutdown_distributed(single)
+    assert run_ranks(_group_owner_worker) == [(False, 2, True)] * 2
