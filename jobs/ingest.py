@@ -43,8 +43,9 @@ class ShardMaterializedDataConfig(ray.train.DataConfig):
 
     def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
                   worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        to_split = self._to_split(datasets)
         ready = {name: ds for name, ds in datasets.items()
-                 if name in self._to_split(datasets) and isinstance(ds, MaterializedDataset)}
+                 if name in to_split and isinstance(ds, MaterializedDataset)}
         rest = {name: ds for name, ds in datasets.items() if name not in ready}
         output = (super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
                   if rest else [{} for _ in range(world_size)])

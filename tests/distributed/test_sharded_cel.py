@@ -278,7 +278,7 @@ def _global_counts_worker(rank, world):
     and overlap: the one padded all-gather (bound = largest per-rank batch) and the two-collective
     fallback both equal a brute force over the concatenated batch."""
     from cel_torchrec.distributed.sharded_clustered_ebc import _GlobalDistinctMembers
-    from cel_torchrec.modules.clustered_ebc import ClusterRemapper, RemappedFeature
+    from cel_torchrec.modules.clustered_ebc import ClusterRemapper
     from cel_torchrec.modules import ClusteringConfig
     remapper = ClusterRemapper(_tables(), {"user": ClusteringConfig(max_clusters=CAP, init_clusters=3),
                                            "item": ClusteringConfig(max_clusters=CAP, init_clusters=4)})
