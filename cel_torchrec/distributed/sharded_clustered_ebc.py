@@ -109,7 +109,7 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def compute(self, ctx: ClusteredEmbeddingBagCollectionContext, dist_input: KJTList
                 ) -> list[torch.Tensor]:
-        self._start_global_counts(ctx)
+        self._gather_global_counts(ctx)
         return self._embedding_bag_collection.compute(ctx, dist_input)
 
     def output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext, output: list[torch.Tensor]
@@ -118,7 +118,7 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: ClusteredEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        self._start_global_counts(ctx)
+        self._gather_global_counts(ctx)
         return self._with_hook(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
 
     def prefetch(self, dist_input: KJTList, forward_stream=None, ctx=None) -> None:
@@ -161,7 +161,7 @@ class ShardedClusteredEmbeddingBagCollection(
         return plans
 
     @staticmethod
-    def _start_global_counts(ctx: ClusteredEmbeddingBagCollectionContext) -> None:
+    def _gather_global_counts(ctx: ClusteredEmbeddingBagCollectionContext) -> None:
         """After TorchRec's input dist, which told every rank's batch size: the one all-gather
         of the global batch's entity ids (counted only when backward needs them)."""
         if ctx.cel_global_counts is not None:

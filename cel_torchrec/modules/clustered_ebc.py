@@ -226,21 +226,20 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         if self.training and torch.is_grad_enabled() and slices:
             kt = self._attach_cluster_hooks(features.stride(), slices, kt)
         if len(self.entity_biases):
-            kt = self._add_entity_biases(features, kt)
+            kt = self._add_entity_biases(slices, kt)
         return kt
 
-    def _add_entity_biases(self, features: KeyedJaggedTensor, kt: KeyedTensor) -> KeyedTensor:
+    def _add_entity_biases(self, slices: list[RemappedFeature], kt: KeyedTensor) -> KeyedTensor:
         """Add each entity's own scalar to its bias column (after the cluster-gradient hook, so
         the scalar gets its plain per-sample gradient)."""
-        id_slices = features.to_dict()
         columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
         values = kt.values()
         cols, adds = [], []
-        for key, table in self._remapper.feature_to_table.items():
-            if table not in self.entity_biases or key not in id_slices:
+        for key, table, entity_ids, _ in slices:
+            if table not in self.entity_biases:
                 continue
             cols.append(columns[key][0] + self._clustering[table].entity_bias_column)
-            adds.append(self.entity_biases[table][id_slices[key].values().long()])
+            adds.append(self.entity_biases[table][entity_ids.long()])
         if not cols:
             return kt
         extra = torch.zeros(values.shape[1], len(cols), dtype=values.dtype, device=values.device)
