@@ -91,12 +91,26 @@ def load_train_counts(directory: str | os.PathLike, entity: str) -> np.ndarray:
     return np.ascontiguousarray(table.column("train_count").to_numpy(), dtype=np.int64)
 
 
-def load_planted(directory: str | os.PathLike, entity: str) -> np.ndarray:
-    """Synthetic data only: the planted cluster of each entity, np.int64[num_entities]."""
+def load_planted(directory: str | os.PathLike, entity: str,
+                 missing_ok: bool = False) -> np.ndarray | None:
+    """Synthetic data only: the planted cluster of each entity, np.int64[num_entities] indexed
+    by dense id (entity: "users" or "items"). A dataset without planted clusters (any real one)
+    raises DataError, or gives None with `missing_ok`."""
     path = pathlib.Path(directory) / "planted" / f"{entity}.parquet"
     if not path.exists():
+        if missing_ok:
+            return None
         raise DataError(f"{path}: missing (only synthetic datasets have planted clusters)")
-    return read_parquet_file(path).column("cluster").to_numpy().astype(np.int64)
+    table = read_parquet_file(path)
+    cluster = table.column("cluster").to_numpy().astype(np.int64)
+    ids = table.column("id").to_numpy().astype(np.int64)
+    if not np.array_equal(ids, np.arange(ids.size)):        # written in id order; else reorder
+        if np.unique(ids).size != ids.size or ids.min() < 0 or ids.max() >= ids.size:
+            raise DataError(f"{path}: ids are not a permutation of 0..{ids.size - 1}")
+        out = np.empty_like(cluster)
+        out[ids] = cluster
+        cluster = out
+    return cluster
 
 
 def read_parquet_file(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:

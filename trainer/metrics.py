@@ -1,5 +1,6 @@
 """Evaluation metrics: regression (MSE/RMSE/MAE), clicks (AUC/logloss/accuracy), each broken
-down by cold and warm users and items, a streaming accumulator, and cluster-size diagnostics.
+down by cold and warm users and items, a streaming accumulator, cluster-size diagnostics, and
+how well learned clusters recover planted ones (purity, adjusted Rand index; sparse contingency).
 
 Everything is vectorised numpy in float64 and accepts torch tensors or numpy arrays. Keys are flat
 snake_case: `rmse`, `rmse_cold_items`, `rmse_warm_users`, `count_cold_items`, ... An empty slice
@@ -222,3 +223,96 @@ def cluster_size_histogram(assignment: Any, num_clusters: int) -> dict[str, Any]
             "max": int(sizes.max()) if sizes.size else nan,
             "mean": float(sizes.mean()) if sizes.size else nan,
             "gini": gini(sizes)}
+
+
+# ----------------------------------------------------------------------------- planted clusters
+def _dense_labels(x: Any) -> tuple[np.ndarray, int]:
+    """Labels relabelled to `0..k-1` (order kept) and `k`. Non-negative integer labels of modest
+    range go through a bincount presence table (O(n + max)); anything else through np.unique."""
+    a = _np(x, np.int64) if hasattr(x, "detach") else np.asarray(x).reshape(-1)
+    if a.size == 0:
+        return np.zeros(0, np.int64), 0
+    if np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.int64, copy=False)
+        lo, hi = int(a.min()), int(a.max())
+        if lo >= 0 and hi < max(4 * a.size, 1 << 16):
+            present = np.bincount(a, minlength=hi + 1) > 0
+            code = np.cumsum(present, dtype=np.int64) - 1
+            return code[a], int(present.sum())
+    uniq, inverse = np.unique(a, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64, copy=False), int(uniq.size)
+
+
+def contingency_counts(learned: Any, planted: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse contingency table of two labelings of the same entities: `(row, col, count)` for
+    every non-empty cell, rows (learned clusters) relabelled `0..k_l-1` and sorted, columns
+    (planted clusters) `0..k_p-1`. Built from the combined int64 code `row * k_p + col`: a
+    bincount when the dense table is no larger than the input, np.unique otherwise, so memory
+    stays O(entities) whatever the cluster counts."""
+    rows, n_rows = _dense_labels(learned)
+    cols, n_cols = _dense_labels(planted)
+    if rows.shape != cols.shape:
+        raise ValueError(f"labelings differ in size: {rows.size} vs {cols.size}")
+    code = rows * n_cols + cols
+    if n_rows * n_cols <= max(2 * code.size, 1 << 16):
+        counts = np.bincount(code, minlength=n_rows * n_cols)
+        cells = np.flatnonzero(counts)
+        counts = counts[cells]
+    else:
+        cells, counts = np.unique(code, return_counts=True)
+    return cells // max(n_cols, 1), cells % max(n_cols, 1), counts.astype(np.int64)
+
+
+def cluster_purity(learned: Any, planted: Any) -> float:
+    """Share of entities that belong to their learned cluster's majority planted cluster: 1 when
+    every learned cluster lies inside one planted cluster (a refinement is pure), lower when a
+    learned cluster mixes planted ones. NaN for no entities."""
+    rows, _, counts = contingency_counts(learned, planted)
+    if counts.size == 0:
+        return float("nan")
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])   # rows are sorted
+    return float(np.maximum.reduceat(counts, starts).sum() / counts.sum())
+
+
+def _pairs(x: np.ndarray) -> float:
+    x = x.astype(np.float64)
+    return float((x * (x - 1.0) / 2.0).sum())
+
+
+def adjusted_rand_index(learned: Any, planted: Any) -> float:
+    """Adjusted Rand index (Hubert & Arabie) of two labelings of the same entities: 1 for the
+    same partition (whatever the label names), about 0 for independent ones, negative below
+    chance. Two trivially equal partitions (both one cluster or both all singletons) give 1.
+    NaN for no entities."""
+    rows, cols, counts = contingency_counts(learned, planted)
+    n = int(counts.sum())
+    if n == 0:
+        return float("nan")
+    index = _pairs(counts)
+    sum_rows = _pairs(np.bincount(rows, weights=counts))
+    sum_cols = _pairs(np.bincount(cols, weights=counts))
+    expected = sum_rows * sum_cols / (n * (n - 1.0) / 2.0) if n > 1 else 0.0
+    top = (sum_rows + sum_cols) / 2.0
+    if top == expected:
+        return 1.0
+    return float((index - expected) / (top - expected))
+
+
+def planted_recovery(assignments: dict[str, Any], planted: dict[str, Any],
+                     train_counts: dict[str, Any], min_interactions: int = 5) -> dict[str, float]:
+    """`purity_<key>` and `ari_<key>` of each learned assignment map against the planted
+    clusters, over the entities with at least `min_interactions` training interactions
+    (keys as in `assignments`, e.g. users / items; a key without planted labels is skipped)."""
+    out: dict[str, float] = {}
+    for key, learned in assignments.items():
+        if key not in planted or planted[key] is None:
+            continue
+        learned, truth = _np(learned, np.int64), _np(planted[key], np.int64)
+        counts = _np(train_counts[key], np.int64)
+        if not learned.size == truth.size == counts.size:
+            raise ValueError(f"{key}: assignment ({learned.size}), planted ({truth.size}) and "
+                             f"train counts ({counts.size}) cover different numbers of entities")
+        warm = counts >= min_interactions
+        out[f"purity_{key}"] = cluster_purity(learned[warm], truth[warm])
+        out[f"ari_{key}"] = adjusted_rand_index(learned[warm], truth[warm])
+    return out

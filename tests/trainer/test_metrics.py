@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.metrics import (MetricAccumulator, auc_score, average_ranks,
-                             classification_metrics, cluster_size_histogram, gini,
-                             regression_metrics, sliced_metrics)
+from trainer.metrics import (MetricAccumulator, adjusted_rand_index, auc_score, average_ranks,
+                             classification_metrics, cluster_purity, cluster_size_histogram,
+                             contingency_counts, gini, planted_recovery, regression_metrics,
+                             sliced_metrics)
 
 
 def brute_force_auc(score, label):
@@ -180,3 +181,87 @@ def test_cluster_size_histogram():
         cluster_size_histogram(torch.tensor([0, 5]), 3)
     one = cluster_size_histogram(torch.zeros(6, dtype=torch.long), 1)
     assert one["sizes"] == [6] and one["gini"] == 0.0
+
+
+# ----------------------------------------------------------------------------- planted clusters
+def brute_force_ari(a, b):
+    """Pair counting: over all pairs, agreement of 'same cluster' in a and in b."""
+    from itertools import combinations
+    from math import comb
+    n = len(a)
+    same_a = same_b = both = 0
+    for i, j in combinations(range(n), 2):
+        sa, sb = a[i] == a[j], b[i] == b[j]
+        same_a, same_b, both = same_a + sa, same_b + sb, both + (sa and sb)
+    expected = same_a * same_b / comb(n, 2)
+    top = (same_a + same_b) / 2
+    return 1.0 if top == expected else (both - expected) / (top - expected)
+
+
+def brute_force_purity(learned, planted):
+    total = 0
+    for c in set(learned):
+        members = [p for l, p in zip(learned, planted) if l == c]
+        total += max(members.count(p) for p in set(members))
+    return total / len(learned)
+
+
+def test_ari_and_purity_match_brute_force_on_random_labelings():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(2, 40))
+        a = rng.integers(0, int(rng.integers(1, 6)), size=n)
+        b = rng.integers(0, int(rng.integers(1, 6)), size=n)
+        if trial % 4 == 0:
+            b = np.where(rng.random(n) < 0.7, a, b)          # correlated labelings too
+        assert adjusted_rand_index(a, b) == pytest.approx(brute_force_ari(list(a), list(b)))
+        assert cluster_purity(a, b) == pytest.approx(brute_force_purity(list(a), list(b)))
+
+
+def test_ari_identical_and_relabelled_partitions_is_one():
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 7, size=500)
+    relabel = rng.permutation(7) * 1000 + 5                 # sparse, large label values
+    assert adjusted_rand_index(a, a) == 1.0
+    assert adjusted_rand_index(relabel[a], a) == pytest.approx(1.0)
+    assert adjusted_rand_index(torch.tensor(a, dtype=torch.int32), a) == pytest.approx(1.0)
+    assert adjusted_rand_index(np.zeros(5), np.zeros(5)) == 1.0    # both trivial
+    assert abs(adjusted_rand_index(rng.integers(0, 5, 20000), rng.integers(0, 5, 20000))) < 0.01
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) < 0          # below chance
+    assert math.isnan(adjusted_rand_index([], []))
+
+
+def test_purity_one_for_a_refinement_below_one_for_a_mix():
+    planted = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    refined = np.array([5, 5, 6, 6, 7, 7, 8, 9])            # splits planted clusters only
+    assert cluster_purity(refined, planted) == 1.0
+    assert adjusted_rand_index(refined, planted) < 1.0
+    mixed = np.array([0, 0, 0, 1, 1, 1, 1, 1])              # cluster 1 mixes both planted ones
+    assert cluster_purity(mixed, planted) == pytest.approx(7 / 8)
+    assert cluster_purity(np.zeros(8, int), planted) == pytest.approx(0.5)
+    assert math.isnan(cluster_purity([], []))
+    with pytest.raises(ValueError, match="differ in size"):
+        cluster_purity([0, 1], [0])
+
+
+def test_contingency_is_sparse_for_many_clusters():
+    rng = np.random.default_rng(5)
+    n = 200_000
+    planted = rng.integers(0, 10_000, size=n)
+    learned = planted * 3 + rng.integers(0, 3, size=n)       # 3e4 x 1e4 dense cells: sparse path
+    rows, cols, counts = contingency_counts(learned, planted)
+    assert counts.sum() == n and counts.size <= n and (counts > 0).all()
+    assert cluster_purity(learned, planted) == 1.0
+    assert 0.0 < adjusted_rand_index(learned, planted) < 1.0
+
+
+def test_planted_recovery_uses_warm_entities_only():
+    planted = np.array([0, 0, 1, 1, 2, 2])
+    learned = np.array([0, 0, 1, 1, 1, 0])                  # the last two are wrong, but cold
+    counts = np.array([5, 9, 5, 6, 4, 0])
+    out = planted_recovery({"items": learned}, {"items": planted}, {"items": counts})
+    assert out == {"purity_items": 1.0, "ari_items": 1.0}
+    everyone = planted_recovery({"items": learned}, {"items": planted}, {"items": counts},
+                                min_interactions=0)
+    assert everyone["purity_items"] < 1.0 and everyone["ari_items"] < 1.0
+    assert planted_recovery({"users": learned}, {"items": planted}, {"users": counts}) == {}
