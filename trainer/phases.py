@@ -131,12 +131,16 @@ def run_reassignment(emb, model, batches: Iterable, table: str, *, loss: str, en
     return plan, report
 
 
-def run_split(emb, table: str, optimizer) -> PhaseReport:
-    """Split the open window's candidates of `table`, then open the next window."""
+def run_split(emb, table: str, optimizer, reopen: Callable[[], None] | None = None) -> PhaseReport:
+    """Split the open window's candidates of `table`, then open the next window (`reopen`, or
+    `emb.begin_split_window`)."""
     t0 = time.perf_counter()
+    window = emb.split_window(table)
+    recorded, dropped = window.num_rows, window.dropped
     plan = emb.split(table, optimizer=optimizer)
-    emb.begin_split_window(table)
+    (reopen or (lambda: emb.begin_split_window(table)))()
     state = emb.cluster_states[table]
     return PhaseReport("split", table, time.perf_counter() - t0, state.num_active,
                        {"splits": plan.num_splits, "skipped": int(plan.skipped.numel()),
-                        "moved": int(plan.moved_entities.numel())})
+                        "moved": int(plan.moved_entities.numel()),
+                        "recorded_entities": recorded, "dropped_occurrences": dropped})

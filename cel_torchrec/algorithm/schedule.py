@@ -1,6 +1,7 @@
 """When cluster operations run: (step or epoch) -> which of split / reassign happen now."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 SPLIT = "split"
@@ -83,3 +84,26 @@ class ClusterSchedule:
         """Last time at which any operation may run."""
         last_split = ((self.split_until - 1) // self.split_interval) * self.split_interval
         return max([last_split, *self._reassign_points])
+
+
+def coverage_window_steps(state, candidates, coverage: float, global_batch: int,
+                          max_steps: int | None = None) -> int:
+    """Training steps a split window stays open so that its candidates' members are seen
+    `coverage` times on average: `coverage * members / (share * global_batch)`, where `share` is
+    the candidates' share of the interactions counted so far (their share of the members before
+    any were counted). Expressed in data, not steps, the same `coverage` behaves alike at 1e3
+    and 1e7 entities; `max_steps` caps it (e.g. one epoch). `state` is a `ClusterState`; the
+    cost is O(capacity)."""
+    if coverage <= 0:
+        raise ValueError(f"coverage must be positive, got {coverage}")
+    cands = candidates.long()
+    if cands.numel() == 0:
+        return 1
+    members = float(state.member_counts()[cands].sum())
+    inter = state.interaction_counts()
+    total = float(inter.sum())
+    share = float(inter[cands].sum()) / total if total > 0 else members / state.num_entities
+    share = max(share, members / state.num_entities * 1e-3, 1e-12)
+    steps = math.ceil(coverage * members / (share * max(global_batch, 1)))
+    steps = max(steps, 1)
+    return min(steps, max_steps) if max_steps else steps

@@ -68,14 +68,39 @@ def _need(t: torch.Tensor | None, criterion: str) -> torch.Tensor:
     return t
 
 
-def principal_directions(grads: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigenvectors(scatter: torch.Tensor, iters: int = 48) -> torch.Tensor:
+    """Top eigenvector of each symmetric PSD matrix `[S, d, d]` by batched power iteration in
+    the matrices' dtype, started from each matrix's largest-norm column (deterministic; never
+    orthogonal to the top eigenvector unless that column is zero). `iters` squarings would be
+    faster but lose float32 precision; 48 multiplications resolve eigengaps of a few percent
+    (tests check the result against `torch.linalg.eigh`)."""
+    s, d, _ = scatter.shape
+    if s == 0:
+        return scatter.new_zeros(0, d)
+    norms = scatter.norm(dim=1)                                     # column norms [S, d]
+    v = torch.gather(scatter, 2, norms.argmax(dim=1)[:, None, None].expand(s, d, 1))[:, :, 0]
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    for _ in range(iters):           # fixed count, batched over segments (no loop over clusters)
+        w = torch.bmm(scatter, v[:, :, None])[:, :, 0]
+        v = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return v
+
+
+def principal_directions(grads: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
+                         solver: str = "power") -> tuple[torch.Tensor, torch.Tensor]:
     """For each segment: mean gradient `[S, d]` and top eigenvector `[S, d]` of the centred
-    scatter matrix `X^T X` (a batched `eigh` on `S` d x d matrices)."""
-    work = grads.to(torch.float64)
-    _, mean, scatter = segment_covariance(work, segment_ids, num_segments)
-    _, vecs = torch.linalg.eigh(scatter)
-    top = vecs[:, :, -1]                      # eigenvalues ascending -> last column
+    scatter matrix `X^T X`: batched float32 power iteration (`power`, default) or a batched
+    float64 `eigh` (`eigh`, the check)."""
+    if solver == "eigh":
+        work = grads.to(torch.float64)
+        _, mean, scatter = segment_covariance(work, segment_ids, num_segments)
+        top = torch.linalg.eigh(scatter)[1][:, :, -1]          # eigenvalues ascending -> last
+    elif solver == "power":
+        work = grads.to(torch.float32)
+        _, mean, scatter = segment_covariance(work, segment_ids, num_segments)
+        top = top_eigenvectors(scatter)
+    else:
+        raise ValueError(f"solver must be power|eigh, got {solver!r}")
     # fix the eigenvector's arbitrary sign: largest-magnitude component positive (deterministic)
     pivot = top.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(torch.gather(top, 1, pivot)).clamp_min(0) * 2 - 1
@@ -84,14 +109,17 @@ def principal_directions(grads: torch.Tensor, segment_ids: torch.Tensor, num_seg
 
 def gpca_split(assignment: torch.Tensor, num_active: int, capacity: int, parents: torch.Tensor,
                member_entities: torch.Tensor, member_grads: torch.Tensor,
-               method: str = "sign") -> SplitPlan:
+               method: str = "sign", solver: str = "power") -> SplitPlan:
     """Split each cluster in `parents` along the first principal component of its members'
-    gradients. `member_entities[i]` (int64) has gradient `member_grads[i]`; rows of entities not in
-    a parent are ignored, and members of a parent without a row count with a zero gradient.
+    gradients. `member_entities[i]` (int64, distinct) has gradient `member_grads[i]`. Only those
+    entities decide and move: members of a parent without a gradient row have no information
+    and stay in the parent; rows of entities no longer in a parent are ignored. Work is
+    O(rows + parents * d^2), independent of the number of entities in the table.
 
     sign: projection of the centred gradient < 0 goes to the new cluster (split at the mean);
     median: the lower half by projection goes to the new cluster. A split that would leave either
-    side empty is skipped. Children take the next free rows, in the order of `parents`."""
+    side without an informed member is skipped. Children take the next free rows, in the order
+    of `parents`."""
     if method not in SPLIT_METHODS:
         raise ValueError(f"split method must be one of {SPLIT_METHODS}, got {method!r}")
     device = assignment.device
@@ -101,27 +129,21 @@ def gpca_split(assignment: torch.Tensor, num_active: int, capacity: int, parents
     if s == 0:
         return SplitPlan(parents=empty, children=empty, moved_entities=empty, moved_to=empty,
                          skipped=empty)
-    # segment index of every entity (-1 if its cluster is not being split)
     seg_of_cluster = torch.full((capacity,), -1, dtype=torch.long, device=device)
     seg_of_cluster[parents] = torch.arange(s, device=device)
-    seg_of_entity = seg_of_cluster[assignment.long()]
-    members = (seg_of_entity >= 0).nonzero().flatten()            # all members, incl. no-grad ones
-    member_seg = seg_of_entity[members]
-    d = member_grads.shape[1]
-    # dense gradients for all members (zero where none was recorded)
-    grad_of_entity_row = torch.full((assignment.numel(),), -1, dtype=torch.long, device=device)
-    grad_of_entity_row[member_entities.long()] = torch.arange(member_entities.numel(), device=device)
-    rows = grad_of_entity_row[members]
-    g = torch.zeros(members.numel(), d, dtype=torch.float64, device=device)
-    has = rows >= 0
-    g[has] = member_grads[rows[has]].to(torch.float64)
+    ents = member_entities.long().to(device)
+    seg = seg_of_cluster[assignment.index_select(0, ents).long()]
+    keep = seg >= 0
+    members, member_seg = ents[keep], seg[keep]
+    g = member_grads.to(device)[keep]
 
-    mean, direction = principal_directions(g, member_seg, s)
-    proj = ((g - mean[member_seg]) * direction[member_seg]).sum(dim=1)
+    mean, direction = principal_directions(g, member_seg, s, solver=solver)
+    proj = ((g.to(mean.dtype) - mean[member_seg]) * direction[member_seg]).sum(dim=1)
     if method == "sign":
-        # tiny relative tolerance so that numerically-zero projections stay with the parent
-        scale = proj.abs().max().clamp_min(1e-300)
-        to_child = proj < -1e-9 * scale
+        # small relative tolerance so that numerically-zero projections stay with the parent
+        scale = proj.abs().max().clamp_min(1e-30) if proj.numel() else proj.new_tensor(1.0)
+        tol = 1e-9 if proj.dtype == torch.float64 else 1e-5
+        to_child = proj < -tol * scale
     else:
         to_child = _lower_half_by_segment(proj, member_seg, s)
     n_child = torch.bincount(member_seg[to_child], minlength=s)
@@ -147,8 +169,13 @@ def _lower_half_by_segment(proj: torch.Tensor, seg: torch.Tensor, num_segments: 
     return rank < (counts[seg] // 2)
 
 
-def apply_split(assignment: torch.Tensor, plan: SplitPlan) -> None:
-    """Move the plan's entities to their new clusters in place (the caller bumps num_active and
-    copies the parent rows)."""
-    if plan.moved_entities.numel():
-        assignment[plan.moved_entities] = plan.moved_to.to(assignment.dtype)
+def apply_split(state, plan: SplitPlan) -> None:
+    """Move the plan's entities to their new clusters in place, keeping the state's cluster
+    counters current in O(moved), and activate the children (the caller copies the parent
+    rows). `state` is a `ClusterState`; a bare assignment tensor is accepted too (no counters)."""
+    if isinstance(state, torch.Tensor):
+        if plan.moved_entities.numel():
+            state[plan.moved_entities] = plan.moved_to.to(state.dtype)
+        return
+    state.move_entities(plan.moved_entities, plan.moved_to)
+    state.num_active = state.num_active + plan.num_splits

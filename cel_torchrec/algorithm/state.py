@@ -10,8 +10,12 @@ class ClusterState(nn.Module):
     """Assignment map (`int32[num_entities]`, values in `[0, num_active)`), active-cluster count,
     capacity (`max_clusters`, rows of the cluster table) and per-entity interaction counters.
 
-    Cluster-level counters (members, interactions) are derived on demand with `bincount`, so they
-    can never drift from the map after splits and reassignments.
+    Cluster-level counters (members, interactions) are cached and kept current incrementally:
+    per step by `count_interactions` (batch-sized work), per split by `move_entities` (work
+    proportional to the entities moved). Any other write to the map or the per-entity counters
+    (reassignment, checkpoint load) is noticed through the tensors' version counters and the
+    caches are rebuilt once with a `bincount` / `index_add_` over the map (a phase-time O(N)).
+    Per-entity interaction counters are int32 (4 bytes per entity, like the map).
     """
 
     def __init__(self, num_entities: int, max_clusters: int, init_clusters: int = 1,
@@ -34,10 +38,12 @@ class ClusterState(nn.Module):
             assignment[perm] = (torch.arange(num_entities) % init_clusters).to(torch.int32)
         self.register_buffer("assignment", assignment.to(device))
         self.register_buffer("num_active_t", torch.tensor(init_clusters, dtype=torch.int64))
-        self.register_buffer("entity_interactions", torch.zeros(num_entities, dtype=torch.int64,
+        self.register_buffer("entity_interactions", torch.zeros(num_entities, dtype=torch.int32,
                                                                 device=device))
         self._member_counts_key: tuple | None = None
         self._member_counts: torch.Tensor | None = None
+        self._interactions_key: tuple | None = None
+        self._cluster_interactions: torch.Tensor | None = None
 
     @property
     def num_active(self) -> int:
@@ -49,25 +55,58 @@ class ClusterState(nn.Module):
             raise ValueError(f"num_active {value} outside [1, {self.capacity}]")
         self.num_active_t.fill_(value)
 
+    def _map_key(self) -> tuple:
+        return (self.assignment.data_ptr(), self.assignment._version)
+
+    def _counts_key(self) -> tuple:
+        return (*self._map_key(), self.entity_interactions.data_ptr(),
+                self.entity_interactions._version)
+
     def member_counts(self) -> torch.Tensor:
         """Members per cluster row, `int64[capacity]` (do not modify). Cached: recomputed only
-        when the map changed, which the tensor's version counter tells (every in-place write:
-        splits, reassignments, checkpoint loads), so the per-step cost is O(1), not O(entities)."""
-        key = (self.assignment.data_ptr(), self.assignment._version)
-        if self._member_counts_key != key:
+        when the map changed outside `move_entities` (the tensor's version counter tells), so the
+        per-step cost is O(1), not O(entities)."""
+        if self._member_counts_key != self._map_key():
             self._member_counts = torch.bincount(self.assignment.long(), minlength=self.capacity)
-            self._member_counts_key = key
+            self._member_counts_key = self._map_key()
         return self._member_counts
 
     def interaction_counts(self) -> torch.Tensor:
-        """Observed training interactions per cluster row, `int64[capacity]`."""
-        return torch.zeros(self.capacity, dtype=torch.int64, device=self.assignment.device
-                           ).index_add_(0, self.assignment.long(), self.entity_interactions)
+        """Observed training interactions per cluster row, `int64[capacity]` (do not modify)."""
+        if self._interactions_key != self._counts_key():
+            self._cluster_interactions = torch.zeros(
+                self.capacity, dtype=torch.int64, device=self.assignment.device
+            ).index_add_(0, self.assignment.long(), self.entity_interactions.long())
+            self._interactions_key = self._counts_key()
+        return self._cluster_interactions
 
     def count_interactions(self, entity_ids: torch.Tensor) -> None:
-        """Add one observed training interaction per occurrence in `entity_ids`."""
-        self.entity_interactions.index_add_(0, entity_ids.long(),
-                                            torch.ones_like(entity_ids, dtype=torch.int64))
+        """Add one observed training interaction per occurrence in `entity_ids` (batch-sized
+        work: the per-cluster counters are updated in place)."""
+        ids = entity_ids.long()
+        fresh = self._interactions_key == self._counts_key()
+        self.entity_interactions.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        if fresh:
+            self._cluster_interactions.index_add_(0, self.assignment.index_select(0, ids).long(),
+                                                  torch.ones_like(ids))
+            self._interactions_key = self._counts_key()
+
+    def move_entities(self, entities: torch.Tensor, to: torch.Tensor) -> None:
+        """Move `entities` to clusters `to`, keeping the cluster counters current in O(moved)."""
+        if entities.numel() == 0:
+            return
+        ents = entities.long()
+        members = self.member_counts()
+        inter = self.interaction_counts()
+        old = self.assignment.index_select(0, ents).long()
+        new = to.long()
+        ones = torch.ones_like(ents)
+        members.index_add_(0, old, -ones).index_add_(0, new, ones)
+        moved = self.entity_interactions.index_select(0, ents).long()
+        inter.index_add_(0, old, -moved).index_add_(0, new, moved)
+        self.assignment.index_copy_(0, ents, new.to(self.assignment.dtype))
+        self._member_counts_key = self._map_key()
+        self._interactions_key = self._counts_key()
 
     def check_invariants(self) -> None:
         """Raise if the map is out of range or an active cluster is empty."""

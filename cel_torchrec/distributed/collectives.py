@@ -84,6 +84,18 @@ def all_gather_variable(ids: torch.Tensor, group: dist.ProcessGroup | None = Non
     return torch.cat([gathered[r * longest: r * longest + s] for r, s in enumerate(sizes)])
 
 
+def all_gather_rows(rows: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenation over ranks (in rank order) of 2-D tensors whose row counts may differ;
+    the transport runs on the backend's device and the result comes back on `rows`' device."""
+    n = world_size(group)
+    if n <= 1:
+        return rows
+    dev = collective_device(group)
+    width = rows.shape[1]
+    flat = all_gather_variable(rows.reshape(-1).to(dev), group)
+    return flat.reshape(-1, width).to(rows.device)
+
+
 def all_gather_padded(values: torch.Tensor, length: int, fill: int = -1,
                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """ONE all-gather of a 1-D tensor padded with `fill` to `length` (a bound every rank agrees

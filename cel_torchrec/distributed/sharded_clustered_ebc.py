@@ -31,12 +31,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
-                                    cluster_grad_scale, gpca_split)
+                                    cluster_grad_scale)
 from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                                 ClusterStates, RemappedFeature,
-                                                _SplitWindow, attach_cluster_grad_hook,
-                                                check_one_id_per_sample, reset_window_sums)
+                                                _splits_per_event, attach_cluster_grad_hook,
+                                                check_one_id_per_sample, make_split_windows,
+                                                plan_split, reset_window_sums)
 
 BATCH_SCOPES = ("global", "local")
 
@@ -82,14 +83,14 @@ class ShardedClusteredEmbeddingBagCollection(
             module._embedding_bag_collection, table_name_to_parameter_sharding, env=env,
             device=device, module_fqn=append_prefix(module_fqn or "", "_embedding_bag_collection"))
         self._dims = {t.name: t.embedding_dim for t in self._tables}
-        self._windows: dict[str, _SplitWindow] = {}
+        self._windows = make_split_windows(self._tables, self._clustering, device)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, torch.Tensor] = {}
         # interactions counted on this rank since the last sync (the replicated buffer
         # `entity_interactions` only ever holds globally summed counts)
         self._pending_interactions = {
-            name: torch.zeros(state.num_entities, dtype=torch.int64, device=device)
+            name: torch.zeros(state.num_entities, dtype=torch.int32, device=device)
             for name, state in self._remapper.states.as_dict().items()}
         for name, state in self._remapper.states.as_dict().items():
             reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, name,
@@ -148,7 +149,7 @@ class ShardedClusteredEmbeddingBagCollection(
         for key, table, entity_ids, cluster_ids in slices:
             check_one_id_per_sample(key, entity_ids, batch)
             pending = self._pending_interactions[table]
-            pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int64))
+            pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int32))
             self._last_cluster_ids[table] = cluster_ids
             if global_counts is not None and key in global_counts.keys:
                 # counted in backward, from the all-gather run after the input dist
@@ -232,7 +233,7 @@ class ShardedClusteredEmbeddingBagCollection(
         candidates = None
         if C.rank(self._pg) == 0:
             candidates = choose_clusters(
-                cfg.split_criterion, state.num_active, cfg.splits_per_event,
+                cfg.split_criterion, state.num_active, _splits_per_event(cfg, state),
                 member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
                 grad_norms=grad_sum.norm(dim=1) if grad_sum is not None else None,
                 loss_sums=loss_sum).cpu()
@@ -242,53 +243,55 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def _open_window(self, table: str, candidates: torch.Tensor) -> None:
         state = self._remapper.states[table]
-        device = state.assignment.device
-        in_candidate = torch.zeros(state.capacity, dtype=torch.bool, device=device)
-        in_candidate[candidates] = True
-        member = in_candidate[state.assignment.long()]
-        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
-        slot[member] = torch.arange(int(member.sum()), device=device)
-        self._windows[table] = _SplitWindow(candidates, slot, self._dims[table])
+        self._windows[table].open(candidates)
         reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
-                          self._clustering[table], state.capacity, self._dims[table], device)
+                          self._clustering[table], state.capacity, self._dims[table],
+                          state.assignment.device)
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return C.all_gather_rows(rows, self._pg)
+
+    def window_rows(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collective. (candidates, recorded entity ids, gradient sums, interaction counts),
+        merged over ranks: each rank's recorded rows are gathered (O(rows), not O(entities))."""
+        w = self._windows[table]
+        return (w.candidates, *w.rows(self._gather_rows))
 
     def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Collective. (candidates, member entity ids, their gradients summed over ranks)."""
-        w = self._windows[table]
-        return w.candidates, w.entities, C.all_reduce_sum_(w.grads.clone(), self._pg)
+        """Collective. (candidates, recorded entity ids, their gradients summed over ranks)."""
+        return self.window_rows(table)[:3]
+
+    def split_window(self, table: str):
+        return self._windows[table]
 
     def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
-                             grads: torch.Tensor) -> None:
-        """Reopen a window saved from `window_gradients` (global sums): rank 0 holds them, the
-        other ranks start from zero, so the next reduction gives the same totals."""
+                             grads: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Reopen a window saved from `window_rows` (global sums): rank 0 holds them, the
+        other ranks start empty, so the next merge gives the same totals."""
         state = self._remapper.states[table]
-        device = state.assignment.device
-        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
-        slot[entities.to(device)] = torch.arange(entities.numel(), device=device)
-        window = _SplitWindow(candidates.to(device), slot, grads.shape[1])
         if C.rank(self._pg) == 0:
-            window.grads.copy_(grads.to(device))
-        self._windows[table] = window
+            self._windows[table].restore(candidates, entities, grads, counts)
+        else:
+            self._windows[table].open(candidates)
         reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
-                          self._clustering[table], state.capacity, self._dims[table], device)
+                          self._clustering[table], state.capacity, self._dims[table],
+                          state.assignment.device)
 
     def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
               plan: SplitPlan | None = None) -> SplitPlan:
-        """Collective. Split the open window's candidates by GPCA on the gradients summed over
+        """Collective. Split the open window's candidates by GPCA on the gradients merged over
         ranks (or apply `plan`); rank 0 decides, every rank applies the same plan to its map,
         and each child row gets its parent's row and fused optimizer state wherever they live."""
         state = self._remapper.states[table]
         device = state.assignment.device
         if plan is None:
-            candidates, entities, grads = self.window_gradients(table)
+            rows = self.window_rows(table)
             if C.rank(self._pg) == 0:
-                plan = gpca_split(state.assignment, state.num_active, state.capacity, candidates,
-                                  entities, grads, method=self._clustering[table].split_method)
+                plan = plan_split(state, self._clustering[table], *rows)
         plan = _plan_to(C.broadcast_object(_plan_to(plan, "cpu") if plan is not None else None,
                                            0, self._pg), device)
-        apply_split(state.assignment, plan)
+        apply_split(state, plan)
         self.copy_rows(table, plan.parents, plan.children, optimizer)
-        state.num_active = state.num_active + plan.num_splits
         return plan
 
     def apply_reassignment(self, table: str, plan: ReassignPlan,

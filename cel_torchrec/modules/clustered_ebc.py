@@ -18,9 +18,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, apply_split,
-                                    choose_clusters, cluster_grad_scale, gpca_split, remap_ids,
-                                    scatter_entity_grads)
+from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, SplitWindow,
+                                    apply_split, choose_clusters, cluster_grad_scale, gpca_split,
+                                    remap_ids)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,14 @@ class ClusteringConfig:
     loss on the pooled interactions of all cold entities); entities with fewer than
     `cold_interactions` training interactions are handled like entities without data.
     `entity_bias_decay`: an L2 pull of every per-entity bias toward zero at every step (a
-    per-entity ridge, which shrinks rarely seen entities toward their cluster's bias)."""
+    per-entity ridge, which shrinks rarely seen entities toward their cluster's bias).
+
+    `splits_per_event`: clusters split per event (0: every active cluster with two or more
+    members, i.e. the cluster count doubles per event until `max_clusters`). `window_rows`: most
+    entities a split window records (None: `max(4096, num_entities // 16)`); members it does
+    not record stay with their parent. `split_gradient`: what GPCA decomposes per member, the
+    gradient `sum` over its interactions (the reference) or its `mean` (every informed member
+    weighs the same)."""
 
     max_clusters: int
     init_clusters: int = 1
@@ -48,6 +55,16 @@ class ClusteringConfig:
     unseen_policy: str = "stay"
     cold_interactions: int = 1
     entity_bias_decay: float = 0.0
+    window_rows: int | None = None
+    split_gradient: str = "sum"
+
+    def window_rows_for(self, num_entities: int) -> int:
+        if self.window_rows is not None:
+            return max(1, int(self.window_rows))
+        return max(4096, num_entities // 16)
+
+
+SPLIT_GRADIENTS = ("sum", "mean")
 
 
 class ClusterStates(nn.Module):
@@ -140,17 +157,6 @@ class ClusterRemapper(nn.Module):
         return kjt, remapped
 
 
-class _SplitWindow:
-    """Per-entity gradients accumulated for the members of the split candidates."""
-
-    def __init__(self, candidates: torch.Tensor, slot_of_entity: torch.Tensor, dim: int):
-        self.candidates = candidates
-        self.slot_of_entity = slot_of_entity
-        self.entities = (slot_of_entity >= 0).nonzero().flatten()
-        self.grads = torch.zeros(self.entities.numel(), dim, dtype=torch.float32,
-                                 device=slot_of_entity.device)
-
-
 class _GradHook(torch.autograd.Function):
     """Identity forward; backward hands the pooled-output gradient to `hook`, which records
     statistics and returns the (averaged) gradient to pass on to the lookup."""
@@ -172,6 +178,8 @@ class ClusteredEmbeddingBagCollection(nn.Module):
 
     Clustered features must carry exactly one id per sample (pooled bags of several entity ids
     cannot be averaged per cluster)."""
+
+
 
     def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
                  device: torch.device | None = None, seed: int = 0):
@@ -197,7 +205,7 @@ class ClusteredEmbeddingBagCollection(nn.Module):
                 if cfg.entity_bias_decay:
                     p = self.entity_biases[name]
                     p.register_hook(lambda g, p=p, w=float(cfg.entity_bias_decay): g + w * p.detach())
-        self._windows: dict[str, _SplitWindow] = {}
+        self._windows = make_split_windows(tables, clustering, device)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, torch.Tensor] = {}
@@ -287,42 +295,39 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         state = self._remapper.states[table]
         cfg = self._clustering[table]
         dim = self.table_weight(table).shape[1]
-        device = state.assignment.device
         candidates = choose_clusters(
-            cfg.split_criterion, state.num_active, cfg.splits_per_event,
+            cfg.split_criterion, state.num_active, _splits_per_event(cfg, state),
             member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
             grad_norms=(self._cluster_grad_sum[table].norm(dim=1)
                         if table in self._cluster_grad_sum else None),
             loss_sums=self._cluster_loss_sum.get(table))
-        in_candidate = torch.zeros(state.capacity, dtype=torch.bool, device=device)
-        in_candidate[candidates] = True
-        member = in_candidate[state.assignment.long()]
-        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
-        slot[member] = torch.arange(int(member.sum()), device=device)
-        self._windows[table] = _SplitWindow(candidates, slot, dim)
+        self._windows[table].open(candidates)
         reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table, cfg,
-                          state.capacity, dim, device)
+                          state.capacity, dim, state.assignment.device)
         return candidates
 
     def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
-                             grads: torch.Tensor) -> None:
+                             grads: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Reopen a window saved in a checkpoint (so a resumed run splits exactly as it would
         have)."""
         state = self._remapper.states[table]
-        device = state.assignment.device
-        slot = torch.full((state.num_entities,), -1, dtype=torch.long, device=device)
-        slot[entities.to(device)] = torch.arange(entities.numel(), device=device)
-        window = _SplitWindow(candidates.to(device), slot, grads.shape[1])
-        window.grads.copy_(grads.to(device))
-        self._windows[table] = window
+        self._windows[table].restore(candidates, entities, grads, counts)
         reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
                           self._clustering[table], state.capacity,
-                          self.table_weight(table).shape[1], device)
+                          self.table_weight(table).shape[1], state.assignment.device)
+
+    def window_rows(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidates, recorded entity ids ascending, their gradient sums, their interaction
+        counts) of the open window."""
+        w = self._windows[table]
+        return (w.candidates, *w.rows())
 
     def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidates, member entity ids, their accumulated gradients) of the open window."""
-        w = self._windows[table]
-        return w.candidates, w.entities, w.grads
+        """(candidates, recorded entity ids, their accumulated gradients) of the open window."""
+        return self.window_rows(table)[:3]
+
+    def split_window(self, table: str) -> SplitWindow:
+        return self._windows[table]
 
     # --------------------------------------------------------------- cluster ops
     def cluster_rows(self, table: str) -> torch.Tensor:
@@ -335,12 +340,9 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         row and optimizer state into its child, and open a new window."""
         state = self._remapper.states[table]
         if plan is None:
-            candidates, entities, grads = self.window_gradients(table)
-            plan = gpca_split(state.assignment, state.num_active, state.capacity, candidates,
-                              entities, grads, method=self._clustering[table].split_method)
-        apply_split(state.assignment, plan)
+            plan = plan_split(state, self._clustering[table], *self.window_rows(table))
+        apply_split(state, plan)
         self.copy_rows(table, plan.parents, plan.children, optimizer)
-        state.num_active = state.num_active + plan.num_splits
         return plan
 
     def apply_reassignment(self, table: str, plan: ReassignPlan,
@@ -390,7 +392,7 @@ def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
             a, b = columns[key]
             window = windows.get(table)
             if window is not None:
-                scatter_entity_grads(window.grads, window.slot_of_entity, entity_ids, grad[:, a:b])
+                window.record(entity_ids, cluster_ids, grad[:, a:b])
             if callable(scale):
                 scale = scale()
             averaged = out[:, a:b]
@@ -404,6 +406,34 @@ def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
     values = _GradHook.apply(kt.values(), hook)
     return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
                        key_dim=kt.key_dim())
+
+
+def make_split_windows(tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
+                       device: torch.device | None) -> dict[str, SplitWindow]:
+    """One (closed) split window per clustered table."""
+    out = {}
+    for t in tables:
+        cfg = clustering.get(t.name)
+        if cfg is None:
+            continue
+        if cfg.split_gradient not in SPLIT_GRADIENTS:
+            raise ValueError(f"split_gradient must be one of {SPLIT_GRADIENTS}, got {cfg.split_gradient!r}")
+        out[t.name] = SplitWindow(t.num_embeddings, cfg.max_clusters, t.embedding_dim,
+                                  cfg.window_rows_for(t.num_embeddings), device=device)
+    return out
+
+
+def _splits_per_event(cfg: ClusteringConfig, state: ClusterState) -> int:
+    return cfg.splits_per_event if cfg.splits_per_event > 0 else state.capacity
+
+
+def plan_split(state: ClusterState, cfg: ClusteringConfig, candidates: torch.Tensor,
+               entities: torch.Tensor, grads: torch.Tensor, counts: torch.Tensor) -> SplitPlan:
+    """GPCA split of `candidates` from a window's merged rows (only recorded members move)."""
+    if cfg.split_gradient == "mean":
+        grads = grads / counts.clamp_min(1)[:, None]
+    return gpca_split(state.assignment, state.num_active, state.capacity, candidates,
+                      entities, grads, method=cfg.split_method)
 
 
 def reset_window_sums(grad_sums: dict, loss_sums: dict, table: str, cfg: ClusteringConfig,
