@@ -96,6 +96,10 @@ class ClusteringConfig:
     cold_interactions: int = 1
     # MF entity_bias only: per-step L2 pull of the per-entity biases toward zero
     entity_bias_decay: float = 0.0
+    # most entities a split window records (None: max(4096, entities // 16)); the others stay
+    window_rows: int | None = None
+    # what GPCA decomposes per informed member: its summed gradient (reference) or the mean
+    split_gradient: str = _choice("sum", "sum", "mean")
 
 
 @dataclass
@@ -116,7 +120,15 @@ class CelConfig:
     reassign_period: int = 40
     interval_unit: str = _choice("step", "step", "epoch")
     reassign_keep_prob: float = 0.31
+    # > 0: a split window closes when its candidates' members have been seen this many times
+    # on average (in data, so alike at any table size; capped at one epoch), instead of every
+    # `split_interval` steps. splits_per_event 0 then doubles the clusters per event.
+    split_coverage: float = 0.0
     freeze_after: int | None = None
+    # synthetic data only: start every clustered table from the planted clusters (num_active =
+    # their count, needs max_clusters >= it); with reassign_rule=none and split_until=0 nothing
+    # moves, an oracle whose RMSE is the floor learned clusters should approach
+    init_from_planted: bool = False
 
 
 @dataclass
@@ -136,6 +148,11 @@ class OptimConfig:
     # intra-op threads per process (0: torch's default). One by default: the ops are small, and
     # on a shared 2-core machine OpenMP's spinning threads made steps ~10x slower.
     num_threads: int = 1
+    # tables on FBGEMM's fused kernels + fused optimizer (sharded by DMP, 1 rank for a single
+    # process: a step touches only the batch's rows) instead of a torch optimizer over every
+    # row: auto (whenever possible), on (or fail saying why not), off (one process only).
+    # YAML reads on/off as true/false; both spellings work. See trainer.tables.
+    fused_tables: str | bool = _choice("auto", "auto", "on", "off", True, False)
 
 
 @dataclass

@@ -16,17 +16,19 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from cel_torchrec.algorithm import REASSIGN, SPLIT, ClusterSchedule
+from cel_torchrec.algorithm import REASSIGN, SPLIT, ClusterSchedule, coverage_window_steps
 from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                   FullEmbeddingBagCollection, HashedEmbeddingBagCollection,
                                   QREmbeddingBagCollection)
 from data_pipeline.collate import to_kjt
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.config import TrainConfig, config_to_dict
-from trainer.dist import DistEnv, all_reduce_, barrier
+from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model, embedding_dim_for
 from trainer.phases import TABLE_FEATURE, per_sample_loss, run_reassignment, run_split
+from trainer.planted import planted_metrics, setup_planted
+from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
 
 CONFIG_KEY_OF_TABLE = {"user": "users", "item": "items"}
@@ -76,7 +78,8 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
                     grad_average=c.grad_average, split_criterion=c.split_criterion,
                     split_method=c.split_method, splits_per_event=c.splits_per_event,
                     entity_bias_column=_entity_bias_column(cfg, c), unseen_policy=c.unseen_policy,
-                    cold_interactions=c.cold_interactions, entity_bias_decay=c.entity_bias_decay)
+                    cold_interactions=c.cold_interactions, entity_bias_decay=c.entity_bias_decay,
+                    window_rows=c.window_rows, split_gradient=c.split_gradient)
         emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
     elif method == "full":
         emb = FullEmbeddingBagCollection(tables=tables, device=device)
@@ -163,6 +166,7 @@ class TrainRecipe:
         self.step = 0
         self.epoch = 0
         self.phase_seconds = {"split": 0.0, "reassign": 0.0}
+        self.split_due: dict[str, int] = {}     # cel.split_coverage: step each window closes
         self._phase_totals: dict[str, float] = {}
         self.train_seconds = 0.0
         self.history: list[dict] = []
@@ -180,10 +184,18 @@ class TrainRecipe:
                                                env.device)
         self.embedding_bytes = unsharded.embedding_bytes()
         self.is_cel = isinstance(unsharded, ClusteredEmbeddingBagCollection)
+        # synthetic data: planted clusters to score against (cel.init_from_planted installs them)
+        self.planted = setup_planted(cfg, self.data_dir, unsharded)
         self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
         if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
             self.model.set_global_bias(self._train_label_mean())
-        if env.distributed:
+        # fused FBGEMM tables (sharded by DMP, on 1 rank for one process) or a torch optimizer
+        self.tables = choose_table_update(cfg, env.device, env.world_size, unsharded)
+        if env.is_main:
+            print(self.tables.describe(env.world_size, cfg.dist.sharding), flush=True)
+        if self.tables.sharded:
+            if not env.distributed:
+                self.env = env = init_single_process_group(env, cfg.dist.backend)
             # self.emb: what the forward pass calls; self.cel: what cluster phases drive
             self.emb, self.cel = self._shard(unsharded)
         else:
@@ -207,7 +219,7 @@ class TrainRecipe:
         resumed = self._maybe_resume()
         if self.is_cel and not resumed:
             for table in self.cel.clustered_tables:
-                self.cel.begin_split_window(table)
+                self._open_split_window(table)
         if env.is_main:
             print(f"[train] run dir {self.run_dir}  data {self.data_dir}  "
                   f"users {self.meta.num_users:,} items {self.meta.num_items:,} "
@@ -239,33 +251,24 @@ class TrainRecipe:
 
     def _shard(self, unsharded: torch.nn.Module):
         """Shard the embedding collection over the process group (TorchRec planner + CEL
-        sharder, fused optimizer for the tables) from the unsharded module's exact weights."""
+        sharder, FBGEMM's fused optimizer for the tables; one rank for a single process) from
+        the unsharded module's exact weights. Full tables become a stock EBC (the stock sharder
+        matches the exact type); hash / QR collections keep their remap and DMP shards the
+        stock EBC inside them."""
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
         from cel_torchrec.distributed import clustered_modules, load_unsharded_state, shard_model
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
         cfg = self.cfg
-        if cfg.embedding.method not in ("cel", "full"):
-            raise ValueError(f"embedding.method={cfg.embedding.method} runs on one process only; "
-                             f"multi-process training supports cel and full")
-        fused_types = {"adam": EmbOptimType.ADAM, "adagrad": EmbOptimType.EXACT_ADAGRAD,
-                       "sgd": EmbOptimType.EXACT_SGD}
-        if cfg.train.optimizer == "adam" and self.env.device.type == "cpu":
-            raise ValueError("train.optimizer=adam: FBGEMM's fused Adam runs on CUDA only; on CPU "
-                             "multi-process runs use train.optimizer=adagrad or sgd")
-        fused = {"optimizer": fused_types[cfg.train.optimizer], "learning_rate": cfg.train.lr,
-                 "weight_decay": cfg.train.weight_decay}
-        if self.is_cel and len(unsharded.entity_biases):
-            raise ValueError("cel.<table>.entity_bias runs on one process only for now (the "
-                             "sharded collection has no per-entity bias); set it to false")
         state = {k: v.detach().cpu().clone() for k, v in unsharded.state_dict().items()}
-        if not self.is_cel:   # the stock sharder matches the exact EmbeddingBagCollection type
-            from torchrec.modules.embedding_modules import EmbeddingBagCollection
-            plain = EmbeddingBagCollection(tables=unsharded.embedding_bag_configs(),
-                                           device=torch.device("meta"))
-            unsharded = plain
-        dmp = shard_model(unsharded, sharding_type=cfg.dist.sharding, fused_params=fused,
+        if isinstance(unsharded, FullEmbeddingBagCollection):
+            unsharded = EmbeddingBagCollection(tables=unsharded.embedding_bag_configs(),
+                                               device=torch.device("meta"))
+        dmp = shard_model(unsharded, sharding_type=cfg.dist.sharding,
+                          fused_params=self.tables.fused_params(cfg.train.lr),
                           device=self.env.device, batch_scope=cfg.dist.batch_scope)
         load_unsharded_state(dmp, state)
-        self.model = torch.nn.parallel.DistributedDataParallel(self.model)
+        if self.env.distributed:     # one rank: nothing to average
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model)
         cel = next(iter(clustered_modules(dmp).values()), None)
         return dmp, cel
 
@@ -274,9 +277,15 @@ class TrainRecipe:
         return getattr(self.model, "module", self.model)
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer of the interaction model, plus the tables where they are not
+        fused: the unsharded collection's, or a sharded one's data-parallel (dense) tables.
+        Fused tables update in backward and are left out."""
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
         t = self.cfg.train
         params = list(self.model.parameters())
-        if not self.env.distributed:        # sharded tables update in backward (fused)
+        if self.tables.sharded:
+            params += [p for _, p in in_backward_optimizer_filter(self.emb.named_parameters())]
+        else:
             params += list(self.emb.parameters())
         if t.optimizer == "adam":
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -378,17 +387,39 @@ class TrainRecipe:
             self.cel.observe_losses(losses.detach())
         return float(losses.detach().mean())
 
+    def _open_split_window(self, table: str) -> None:
+        """Open `table`'s next split window; with `cel.split_coverage`, note the step at which
+        it closes (its candidates' members seen `split_coverage` times on average)."""
+        candidates = self.cel.begin_split_window(table)
+        coverage = self.cfg.cel.split_coverage
+        if coverage > 0:
+            global_batch = self.cfg.data.batch_size * self.env.world_size
+            epoch_steps = max(1, -(-self.meta.splits.get("train", 0) // global_batch))
+            self.split_due[table] = self.step + coverage_window_steps(
+                self.cel.cluster_states[table], candidates, coverage, global_batch, epoch_steps)
+
+    def _split_now(self, table: str, t: int, actions) -> bool:
+        state = self.cel.cluster_states[table]
+        if state.num_active >= state.capacity:
+            return False
+        if self.cfg.cel.split_coverage > 0 and self.cfg.cel.interval_unit == "step":
+            frozen = self.schedule.freeze_after is not None and t >= self.schedule.freeze_after
+            return (not frozen and t < self.schedule.split_until
+                    and self.step >= self.split_due.get(table, 0))
+        return SPLIT in actions
+
     def _cluster_phases(self, t: int) -> None:
         if self.cel is None:
             return
         actions = self.schedule.actions(t)
-        if not actions:
+        split_tables = [tb for tb in self.cel.clustered_tables if self._split_now(tb, t, actions)]
+        if not actions and not split_tables:
             return
         reports = []
         for table in self.cel.clustered_tables:
-            if SPLIT in actions and self.cel.cluster_states[table].num_active < \
-                    self.cel.cluster_states[table].capacity:
-                reports.append(run_split(self.cel, table, self.optimizer))
+            if table in split_tables:
+                reports.append(run_split(self.cel, table, self.optimizer,
+                                         reopen=lambda tb=table: self._open_split_window(tb)))
             if REASSIGN in actions:
                 key = CONFIG_KEY_OF_TABLE[table]
                 _, rep = run_reassignment(
@@ -468,18 +499,25 @@ class TrainRecipe:
                  "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                  "phase_seconds": self.phase_seconds, "train_seconds": self.train_seconds,
                  "history": self.history, "windows": self._window_state(),
-                 "world_size": self.env.world_size}
-        if not self.env.distributed:
+                 "split_due": dict(self.split_due),
+                 "world_size": self.env.world_size, "tables": self._tables_tag()}
+        if not self.tables.sharded:
             state["emb"] = self.emb.state_dict()   # tables + cluster state (assignment, counters)
         return state
+
+    def _tables_tag(self) -> str:
+        """How a checkpoint holds the tables: `sharded` (DCP, with the fused optimizer's state)
+        or `torch` (in state.pt, their optimizer state inside the torch optimizer's)."""
+        return "sharded" if self.tables.sharded else "torch"
 
     def _window_state(self) -> dict:
         if self.cel is None:
             return {}
         out = {}
         for t in self.cel.clustered_tables:
-            cand, entities, grads = self.cel.window_gradients(t)
-            out[t] = {"candidates": cand.cpu(), "entities": entities.cpu(), "grads": grads.cpu()}
+            cand, entities, grads, counts = self.cel.window_rows(t)
+            out[t] = {"candidates": cand.cpu(), "entities": entities.cpu(), "grads": grads.cpu(),
+                      "counts": counts.cpu()}
         return out
 
     def save_checkpoint(self, report_metrics: dict | None = None) -> pathlib.Path | None:
@@ -493,7 +531,7 @@ class TrainRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.env)
-        if self.env.distributed:
+        if self.tables.sharded:
             from cel_torchrec.distributed import save_checkpoint as save_sharded
             save_sharded(self.emb, str(tmp / "sharded"))
         if self.env.is_main:
@@ -556,7 +594,13 @@ class TrainRecipe:
                 f"{directory}: checkpoint written by {state.get('world_size', 1)} processes, this run "
                 f"has {self.env.world_size}; resume with the same world size, or export the tables "
                 f"with cel_torchrec.distributed.export_unsharded_state (see README)")
-        if self.env.distributed:
+        saved = state.get("tables", "torch" if "emb" in state else "sharded")
+        if saved != self._tables_tag():
+            raise ValueError(
+                f"{directory}: checkpoint holds {saved} tables, this run has {self._tables_tag()} "
+                f"ones ({self.tables.describe(self.env.world_size, self.cfg.dist.sharding)}); "
+                f"resume with the train.fused_tables / train.optimizer it was written with")
+        if self.tables.sharded:
             from cel_torchrec.distributed import load_checkpoint as load_sharded
             load_sharded(self.emb, str(directory / "sharded"))
         else:
@@ -569,9 +613,11 @@ class TrainRecipe:
         self.phase_seconds = state["phase_seconds"]
         self.train_seconds = state["train_seconds"]
         self.history = state["history"]
+        self.split_due = dict(state.get("split_due", {}))
         if self.cel is not None:
             for t, w in state["windows"].items():
-                self.cel.restore_split_window(t, w["candidates"], w["entities"], w["grads"])
+                self.cel.restore_split_window(t, w["candidates"], w["entities"], w["grads"],
+                                              w.get("counts"))
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict:
@@ -584,6 +630,9 @@ class TrainRecipe:
                    "steps": self.step, "epochs": self.epoch,
                    "method": self.cfg.embedding.method, "model": self.cfg.model.name,
                    **self._cluster_counts()}
+        metrics.update(planted_metrics(self.cel, self.planted,
+                                       {"user": self.user_counts, "item": self.item_counts},
+                                       min_interactions=self.cfg.data.cold_threshold))
         rmse_key = "val_rmse" if "val_rmse" in final else None
         if rmse_key and self.history:
             best = min((h for h in self.history if rmse_key in h), key=lambda h: h[rmse_key], default=None)
