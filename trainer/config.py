@@ -124,6 +124,15 @@ class CelConfig:
     # on average (in data, so alike at any table size; capped at one epoch), instead of every
     # `split_interval` steps. splits_per_event 0 then doubles the clusters per event.
     split_coverage: float = 0.0
+    # reassignment: exact (every entity with data x every cluster, streamed over cluster blocks
+    # in O(entities) memory, one pass over the training data per block), lite (CEL-Lite: the
+    # entities seen since the last reassignment, each over its cluster + the `lite_k` clusters
+    # nearest its one-step desired embedding, scored on those recent interactions, at most
+    # `lite_buffer_samples` of them), or auto: exact while entities x max_clusters <= 2^25
+    # (one pass, <= 256 MiB of float64 losses), else lite
+    reassign_mode: str = _choice("auto", "auto", "exact", "lite")
+    lite_k: int = 8
+    lite_buffer_samples: int = 1 << 21
     freeze_after: int | None = None
     # synthetic data only: start every clustered table from the planted clusters (num_active =
     # their count, needs max_clusters >= it); with reassign_rule=none and split_until=0 nothing

@@ -26,7 +26,8 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model, embedding_dim_for
-from trainer.phases import TABLE_FEATURE, per_sample_loss, run_reassignment, run_split
+from trainer.phases import (TABLE_FEATURE, RecentInteractions, per_sample_loss, reassign_mode_for,
+                            run_reassignment, run_split)
 from trainer.planted import planted_metrics, setup_planted
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
@@ -213,6 +214,9 @@ class TrainRecipe:
         # the reassignment pass reads this rank's training share in large, unshuffled batches
         self.reassign_source = local_source(self.data_dir / "train", cfg.data.eval_batch_size,
                                             env, shuffle=False, seed=cfg.train.seed)
+        self.reassign_mode = reassign_mode_for(cfg, self.cel)
+        self.recent = (RecentInteractions(cfg.cel.lite_buffer_samples)
+                       if self.reassign_mode == "lite" else None)
         self.logger = build_loggers(cfg.tracking, str(self.run_dir), config_to_dict(cfg), env.rank)
         self.logger.log_config(config_to_dict(cfg))
         self.jsonl_phases = self.run_dir / "phases.jsonl"
@@ -385,6 +389,8 @@ class TrainRecipe:
         self.optimizer.step()
         if self.cel is not None:
             self.cel.observe_losses(losses.detach())
+        if self.recent is not None:          # CEL-Lite scores on the batches since the last pass
+            self.recent.add(kjt, dense, label)
         return float(losses.detach().mean())
 
     def _open_split_window(self, table: str) -> None:
@@ -416,6 +422,9 @@ class TrainRecipe:
         if not actions and not split_tables:
             return
         reports = []
+        recent = None
+        if REASSIGN in actions and self.recent is not None:
+            recent = list(self._padded(iter(self.recent)))     # equal batch counts on every rank
         for table in self.cel.clustered_tables:
             if table in split_tables:
                 reports.append(run_split(self.cel, table, self.optimizer,
@@ -424,11 +433,14 @@ class TrainRecipe:
                 key = CONFIG_KEY_OF_TABLE[table]
                 _, rep = run_reassignment(
                     self.cel, self.interaction_model,
-                    self._padded(self.reassign_source.epoch(0)), table,
+                    lambda: self._padded(self.reassign_source.epoch(0)), table,
                     loss=self.cfg.train.loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
-                    optimizer=self.optimizer)
+                    optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
+                    lite_k=self.cfg.cel.lite_k)
                 reports.append(rep)
+        if REASSIGN in actions and self.recent is not None:
+            self.recent.clear()
         for rep in reports:
             self.phase_seconds[rep.kind] += rep.seconds
             if self.env.is_main:
@@ -598,7 +610,7 @@ class TrainRecipe:
         if saved != self._tables_tag():
             raise ValueError(
                 f"{directory}: checkpoint holds {saved} tables, this run has {self._tables_tag()} "
-                f"ones ({self.tables.describe(self.env.world_size, self.cfg.dist.sharding)}); "
+                f"ones ({self.tables.kind}); "
                 f"resume with the train.fused_tables / train.optimizer it was written with")
         if self.tables.sharded:
             from cel_torchrec.distributed import load_checkpoint as load_sharded

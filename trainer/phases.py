@@ -11,12 +11,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from cel_torchrec.algorithm import ReassignPlan, accumulate_candidate_losses, decide_reassignment
+from cel_torchrec.algorithm import ReassignPlan, decide_reassignment_from_best
 from trainer.dist import DistEnv, all_reduce_
 
 # feature of each clustered table
 TABLE_FEATURE = {"user": "user_id", "item": "item_id"}
-OTHER_FEATURE = {"user_id": "item_id", "item_id": "user_id"}
+REASSIGN_MODES = ("exact", "lite")
 
 
 @dataclass
@@ -36,57 +36,81 @@ def per_sample_loss(pred: torch.Tensor, label: torch.Tensor, loss: str) -> torch
     raise ValueError(f"train.loss must be mse|bce, got {loss!r}")
 
 
+def _pooled(emb, kjt, feature: str) -> dict:
+    return emb(kjt).to_dict()
+
+
+def candidate_losses(model, embs: dict, dense, label: torch.Tensor, feature: str, loss: str,
+                     candidates: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample losses `[b, K]` of a batch whose `feature` embedding is replaced by each of K
+    candidate rows: `candidates` is `[K, D]` (the same K for every sample) or `[b, K, D]` (a
+    candidate set per sample). Models linear in the entity's embedding (`model.linear_form`,
+    e.g. MF) score with one product; any other model runs one batched forward of `b * K` rows
+    (the caller bounds `b * K`). `offsets` `[b, D]`: the entities' own unclustered parameters
+    added to every candidate (per-entity biases)."""
+    b = label.numel()
+    per_sample = candidates.dim() == 3
+    k = candidates.shape[-2]
+    linear = getattr(model, "linear_form", None)
+    if linear is not None:
+        x, const = linear(embs, dense, feature)
+        width = x.shape[1]
+        if per_sample:
+            pred = (candidates[:, :, :width] * x[:, None, :]).sum(-1) + const[:, None]
+        else:
+            pred = x @ candidates[:, :width].T + const[:, None]           # [b, K]
+        if offsets is not None:
+            pred = pred + (x * offsets[:, :width]).sum(1, keepdim=True)
+        return per_sample_loss(pred, label[:, None].expand(b, k), loss)
+    expanded = {key: v.repeat_interleave(k, dim=0) for key, v in embs.items()}
+    rows = candidates.reshape(b * k, -1) if per_sample else candidates.repeat(b, 1)
+    if offsets is not None:
+        rows = rows + offsets.repeat_interleave(k, dim=0)
+    expanded[feature] = rows
+    d_exp = None if dense is None else dense.repeat_interleave(k, dim=0)
+    pred = model(expanded, d_exp)
+    return per_sample_loss(pred, label.repeat_interleave(k), loss).view(b, k)
+
+
+def _valid(item) -> bool:
+    # (kjt, dense, label) or, from a padded multi-rank pass, (kjt, dense, label, valid):
+    # an invalid (padding) batch still runs the lookup (collectives) but adds nothing
+    return len(item) <= 3 or bool(item[3])
+
+
 @torch.no_grad()
 def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: DistEnv,
-                    max_rows: int = 1 << 18, return_counts: bool = False):
-    """Summed training loss of every entity of `table` under every active cluster row, over all
-    interactions in `batches` (this rank's share, all-reduced across ranks). Returns the entity
-    ids that have data and their loss rows `[n, M]`.
-
-    Models that are linear in the entity's embedding (`model.linear_form`, e.g. MF) score every
-    sample against every cluster with one matmul `[B, D] x [D, M]`; any other model runs batched
-    forward passes with each sample repeated once per candidate cluster (chunked to `max_rows`).
-    Either way the result is the exact loss, with no Python loop over entities or clusters."""
+                    max_rows: int = 1 << 18, return_counts: bool = False,
+                    clusters: tuple[int, int] | None = None):
+    """Summed training loss of every entity of `table` under the active cluster rows
+    `clusters = (first, last)` (default: all), over all interactions in `batches` (this rank's
+    share, all-reduced across ranks). Returns the entity ids that have data and their loss rows
+    `[n, last - first]`. Memory `O(entities x block)`: `run_reassignment` streams blocks."""
     feature = TABLE_FEATURE[table]
     state = emb.cluster_states[table]
     rows = emb.cluster_rows(table)
+    lo, hi = clusters if clusters is not None else (0, rows.shape[0])
+    rows = rows[lo:hi]
     m = rows.shape[0]
     n = state.num_entities
-    linear = getattr(model, "linear_form", None)
-    counts = torch.zeros(n, dtype=torch.int64, device=rows.device)
+    counts = torch.zeros(n, dtype=torch.int32, device=rows.device)
     matrix = torch.zeros(n, m, dtype=torch.float64, device=rows.device)
-    identity = torch.arange(n, device=rows.device)
     offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
     for item in batches:
-        # (kjt, dense, label) or, from a padded multi-rank pass, (kjt, dense, label, valid):
-        # an invalid (padding) batch still runs the lookup (collectives) but adds nothing
         kjt, dense, label = item[:3]
-        embs = emb(kjt).to_dict()
-        if len(item) > 3 and not item[3]:
+        embs = _pooled(emb, kjt, feature)
+        if not _valid(item):
             continue
         entity_ids = kjt[feature].values().long()
         offsets = offsets_of(table, entity_ids) if offsets_of is not None else None
-        counts.index_add_(0, entity_ids, torch.ones_like(entity_ids))
+        counts.index_add_(0, entity_ids, torch.ones_like(entity_ids, dtype=torch.int32))
         chunk = max(1, max_rows // m)
         for start in range(0, label.numel(), chunk):       # chunks of samples, bounded count
             sl = slice(start, start + chunk)
-            b = label[sl].numel()
-            if linear is not None:
-                x, const = linear({k: v[sl] for k, v in embs.items()},
-                                  None if dense is None else dense[sl], feature)
-                pred = x @ rows[:, :x.shape[1]].T + const[:, None]      # [b, M] (padding cols unused)
-                if offsets is not None:
-                    pred = pred + (x * offsets[sl, :x.shape[1]]).sum(1, keepdim=True)
-                losses = per_sample_loss(pred, label[sl, None].expand(b, m), loss)
-            else:
-                expanded = {k: v[sl].repeat_interleave(m, dim=0) for k, v in embs.items()}
-                expanded[feature] = rows.repeat(b, 1)
-                if offsets is not None:
-                    expanded[feature] = expanded[feature] + offsets[sl].repeat_interleave(m, dim=0)
-                d_exp = None if dense is None else dense[sl].repeat_interleave(m, dim=0)
-                pred = model(expanded, d_exp)
-                losses = per_sample_loss(pred, label[sl].repeat_interleave(m), loss).view(b, m)
-            accumulate_candidate_losses(matrix, identity, entity_ids[sl], losses)
+            losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
+                                      None if dense is None else dense[sl], label[sl], feature,
+                                      loss, rows, None if offsets is None else offsets[sl])
+            matrix.index_add_(0, entity_ids[sl], losses.to(torch.float64))
     all_reduce_(counts, env)
     all_reduce_(matrix, env)
     seen = (counts > 0).nonzero().flatten()
@@ -95,39 +119,323 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: D
     return seen, matrix[seen]
 
 
-def run_reassignment(emb, model, batches: Iterable, table: str, *, loss: str, env: DistEnv,
+def _owner_bounds(n: int, world: int) -> list[int]:
+    """Entity ranges owned by each rank: rank r owns `[bounds[r], bounds[r+1])`."""
+    return [n * r // world for r in range(world + 1)]
+
+
+def _reduce_rows_to_owners(matrix: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum `[N, b]` over ranks into each row's owner (a reduce per owner's contiguous range,
+    i.e. a reduce-scatter by entity); returns this rank's owned rows."""
+    if not env.distributed:
+        return matrix
+    import torch.distributed as dist
+    bounds = _owner_bounds(matrix.shape[0], env.world_size)
+    for r in range(env.world_size):
+        part = matrix[bounds[r]:bounds[r + 1]]
+        if part.numel():
+            dist.reduce(part, dst=r)
+    return matrix[bounds[env.rank]:bounds[env.rank + 1]]
+
+
+def _all_gather_owned(part: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor:
+    """Concatenate every rank's owned range (in entity order) on every rank."""
+    if not env.distributed:
+        return part
+    import torch.distributed as dist
+    bounds = _owner_bounds(n, env.world_size)
+    longest = max(bounds[r + 1] - bounds[r] for r in range(env.world_size))
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=part.device)
+    padded[: part.shape[0]] = part
+    gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([gathered[r][: bounds[r + 1] - bounds[r]] for r in range(env.world_size)])
+
+
+@torch.no_grad()
+def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str, loss: str,
+                   env: DistEnv, memory_bytes: int = 256 << 20, pooled_below: int | None = None):
+    """Exact reassignment proposal for every entity of `table` with data: its best active
+    cluster over all its training interactions, in `O(entities)` memory. The clusters are
+    streamed in blocks of `b = memory_bytes / (8 N)` (one pass over the data per block: a
+    single pass whenever `N x M` float64 fits the budget); each block's `[N, b]` losses are
+    reduced to the entities' owner ranks, which keep a running best. Returns `(seen, best,
+    gain, counts, pooled)`, identical on every rank; `pooled` is the per-cluster summed loss of
+    the entities with data but fewer than `pooled_below` interactions, or None."""
+    state = emb.cluster_states[table]
+    n, m = state.num_entities, state.num_active
+    block = int(max(1, min(m, memory_bytes // max(8 * n, 1))))
+    bounds = _owner_bounds(n, env.world_size)
+    lo, hi = bounds[env.rank], bounds[env.rank + 1]
+    old = state.assignment[lo:hi].long()
+    best = torch.zeros(hi - lo, dtype=torch.long)
+    best_loss = torch.full((hi - lo,), float("inf"), dtype=torch.float64)
+    old_loss = torch.zeros(hi - lo, dtype=torch.float64)
+    pooled = torch.zeros(m, dtype=torch.float64) if pooled_below is not None else None
+    pooled_cold = None
+    counts = None
+    for first in range(0, m, block):                      # blocks of clusters, bounded count
+        last = min(m, first + block)
+        feature = TABLE_FEATURE[table]
+        rows = emb.cluster_rows(table)[first:last]
+        matrix = torch.zeros(n, last - first, dtype=torch.float64)
+        c = torch.zeros(n, dtype=torch.int32) if counts is None else None
+        offsets_of = getattr(emb, "entity_offsets", None)
+        for item in make_batches():
+            kjt, dense, label = item[:3]
+            embs = _pooled(emb, kjt, feature)
+            if not _valid(item):
+                continue
+            ids = kjt[feature].values().long()
+            offsets = offsets_of(table, ids) if offsets_of is not None else None
+            if c is not None:
+                c.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            chunk = max(1, (1 << 18) // rows.shape[0])
+            for start in range(0, label.numel(), chunk):
+                sl = slice(start, start + chunk)
+                losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
+                                          None if dense is None else dense[sl], label[sl],
+                                          feature, loss, rows, None if offsets is None else offsets[sl])
+                matrix.index_add_(0, ids[sl], losses.double())
+        if c is not None:
+            counts = all_reduce_(c, env)
+            if pooled_below is not None:
+                pooled_cold = (counts > 0) & (counts < pooled_below)
+        owned = _reduce_rows_to_owners(matrix, env)               # [hi - lo, b]
+        vals, idx = owned.min(dim=1)                              # first minimum: lower id
+        better = vals < best_loss
+        best = torch.where(better, idx + first, best)
+        best_loss = torch.where(better, vals, best_loss)
+        in_block = (old >= first) & (old < last)
+        old_loss[in_block] = owned[in_block, old[in_block] - first]
+        if pooled is not None:
+            pooled[first:last] = owned[pooled_cold[lo:hi]].sum(0)
+        del matrix, owned
+    if pooled is not None:
+        all_reduce_(pooled, env)
+    best = _all_gather_owned(best, n, env)
+    gain = _all_gather_owned(old_loss - best_loss, n, env)
+    seen = (counts > 0).nonzero().flatten()
+    return seen, best[seen], gain[seen], counts[seen], pooled
+
+
+class RecentInteractions:
+    """The training batches since the last reassignment (references to the batches the step
+    already built, no copy), at most `max_samples` samples (the oldest are dropped): what
+    CEL-Lite scores its candidates on, so that it needs no extra pass over the training data."""
+
+    def __init__(self, max_samples: int = 1 << 20):
+        self.max_samples = int(max_samples)
+        self._batches: list[tuple] = []
+        self._samples = 0
+
+    def add(self, kjt, dense, label) -> None:
+        self._batches.append((kjt, dense, label))
+        self._samples += int(label.numel())
+        while self._samples > self.max_samples and len(self._batches) > 1:
+            self._samples -= int(self._batches.pop(0)[2].numel())
+
+    def clear(self) -> None:
+        self._batches, self._samples = [], 0
+
+    def __iter__(self):
+        return iter(list(self._batches))
+
+    def __len__(self) -> int:
+        return self._samples
+
+
+def _gauss_newton(model, embs: dict, dense, label, feature: str, loss: str):
+    """Per-sample gradient of the loss w.r.t. the `feature` embedding `[b, D]` and a scalar
+    Gauss-Newton curvature `[b]` (`w * |d pred / d e|^2 / D`, w = 2 for MSE, p(1-p) for BCE)."""
+    e = embs[feature].detach().requires_grad_(True)
+    with torch.enable_grad():
+        pred = model({**embs, feature: e}, dense)
+        jac = torch.autograd.grad(pred.sum(), e)[0]            # rows: each sample's own d pred/d e
+    pred = pred.detach()
+    if loss == "mse":
+        dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+    else:
+        p = torch.sigmoid(pred)
+        dl, w = p - label, p * (1 - p)
+    return dl[:, None] * jac, w * (jac * jac).sum(1) / jac.shape[1]
+
+
+@torch.no_grad()
+def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: DistEnv,
+                  k: int = 8, max_rows: int = 1 << 18):
+    """CEL-Lite proposal: only the entities seen in `recent` (the interactions since the last
+    reassignment), each over `k + 1` candidates: its cluster and the `k` clusters nearest to its
+    desired embedding after one Gauss-Newton step (`c - sum g / sum h` over its recent
+    interactions), scored exactly on those interactions. Memory O(seen x (k + D)) beside the
+    batches; multi-process: rows merged by entity over ranks, then each entity's candidate
+    losses reduced to its owner rank. Returns `(seen, best, gain, counts)`, same on every rank."""
+    from cel_torchrec.distributed.collectives import all_gather_rows
+    feature = TABLE_FEATURE[table]
+    state = emb.cluster_states[table]
+    rows = emb.cluster_rows(table)
+    m, d = rows.shape
+    batches = list(recent)
+    offsets_of = getattr(emb, "entity_offsets", None)
+    # pass 1: per-entity gradient, curvature and count (entities in ascending id order)
+    ids_l, g_l, h_l = [], [], []
+    for item in batches:
+        kjt, dense, label = item[:3]
+        embs = _pooled(emb, kjt, feature)
+        if not _valid(item):
+            continue
+        ids = kjt[feature].values().long()
+        g, h = _gauss_newton(model, embs, dense, label, feature, loss)
+        ids_l.append(ids), g_l.append(g.double()), h_l.append(h.double())
+    ids = torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.long)
+    packed = torch.cat([ids.double()[:, None], torch.ones(ids.numel(), 1, dtype=torch.float64),
+                        torch.cat(h_l)[:, None] if h_l else torch.zeros(0, 1, dtype=torch.float64),
+                        torch.cat(g_l) if g_l else torch.zeros(0, d, dtype=torch.float64)], dim=1)
+    if env.distributed:
+        packed = all_gather_rows(packed, None)
+    seen, inverse = torch.unique(packed[:, 0].long(), return_inverse=True)
+    stats = torch.zeros(seen.numel(), packed.shape[1] - 1, dtype=torch.float64)
+    stats.index_add_(0, inverse, packed[:, 1:])
+    counts, h_sum, g_sum = stats[:, 0], stats[:, 1], stats[:, 2:]
+    current = state.assignment[seen].long()
+    desired = rows[current].double() - g_sum / h_sum.clamp_min(1e-12)[:, None]
+    kk = min(k, m)
+    cands = torch.empty(seen.numel(), kk + 1, dtype=torch.long)
+    rows64 = rows.double()
+    step = max(1, max_rows // m)
+    for start in range(0, seen.numel(), step):             # chunks of entities, bounded count
+        sl = slice(start, start + step)
+        dist2 = torch.cdist(desired[sl], rows64)
+        cands[sl, 1:] = dist2.topk(kk, dim=1, largest=False).indices
+    cands[:, 0] = current                               # column 0: the current cluster
+    # pass 2: exact losses of each recent interaction under its entity's candidates
+    losses = torch.zeros(seen.numel(), kk + 1, dtype=torch.float64)
+    for item in batches:
+        kjt, dense, label = item[:3]
+        embs = _pooled(emb, kjt, feature)
+        if not _valid(item):
+            continue
+        ids = kjt[feature].values().long()
+        slot = torch.searchsorted(seen, ids)
+        offsets = offsets_of(table, ids) if offsets_of is not None else None
+        chunk = max(1, max_rows // (kk + 1))
+        for start in range(0, label.numel(), chunk):
+            sl = slice(start, start + chunk)
+            lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
+                                  None if dense is None else dense[sl], label[sl], feature, loss,
+                                  rows[cands[slot[sl]]], None if offsets is None else offsets[sl])
+            losses.index_add_(0, slot[sl], lc.double())
+    if env.distributed:          # each entity's losses summed at its owner, then shared
+        owner = torch.bucketize(seen, torch.tensor(_owner_bounds(state.num_entities, env.world_size)[1:-1]),
+                                right=True)
+        losses = _reduce_sparse_to_owners(losses, owner, env)
+    vals, pick = losses.min(dim=1)          # first minimum: the current cluster on ties
+    best = cands.gather(1, pick[:, None])[:, 0]
+    gain = losses[:, 0] - vals
+    return seen, best, gain, counts.to(torch.int32)
+
+
+def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Rows sorted by owner rank: sum each owner's block over ranks at that owner (one reduce per
+    owner), then share the owners' results (all-gather), so every rank gets the global sums."""
+    import torch.distributed as dist
+    out = torch.empty_like(rows)
+    starts = torch.searchsorted(owner, torch.arange(env.world_size + 1)).tolist()
+    for r in range(env.world_size):
+        part = rows[starts[r]:starts[r + 1]].contiguous()
+        if part.numel():
+            dist.reduce(part, dst=r)
+        out[starts[r]:starts[r + 1]] = part
+    mine = out[starts[env.rank]:starts[env.rank + 1]].contiguous()
+    for r in range(env.world_size):
+        part = mine if r == env.rank else torch.empty_like(out[starts[r]:starts[r + 1]])
+        if part.numel():
+            dist.broadcast(part, src=r)
+        out[starts[r]:starts[r + 1]] = part
+    return out
+
+
+EXACT_MAX_CELLS = 1 << 25
+
+
+def reassign_mode_for(cfg, cel) -> str | None:
+    """`cel.reassign_mode`, with `auto` resolved: exact while every clustered table's
+    `entities x max_clusters` loss cells fit in one pass (<= 2^25 float64, 256 MiB), else lite.
+    Exact reads all training data once per block of clusters, so past that size its cost grows
+    with `entities x clusters x interactions`; Lite's stays proportional to the interactions
+    since the last reassignment. None when the run has no clustered table."""
+    if cel is None:
+        return None
+    mode = cfg.cel.reassign_mode
+    if mode != "auto":
+        return mode
+    cells = max(s.num_entities * s.capacity for s in
+                (cel.cluster_states[t] for t in cel.clustered_tables))
+    return "exact" if cells <= EXACT_MAX_CELLS else "lite"
+
+
+def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv,
                      keep_prob: float, generator: torch.Generator,
-                     optimizer: torch.optim.Optimizer | None) -> tuple[ReassignPlan, PhaseReport]:
-    """Exact reassignment of `table`'s entities; the same decision on every rank (identical
-    reduced losses and identically seeded generators)."""
+                     optimizer: torch.optim.Optimizer | None, mode: str = "exact",
+                     recent: Iterable | None = None, lite_k: int = 8,
+                     memory_bytes: int = 256 << 20) -> tuple[ReassignPlan, PhaseReport]:
+    """Reassignment of `table`'s entities, `exact` (every entity with data, every cluster, over
+    `batches`: an iterable, or a callable returning a fresh one per cluster block) or `lite`
+    (CEL-Lite over `recent`); the same decision on every rank (identical reduced proposals and
+    identically seeded generators)."""
+    if mode not in REASSIGN_MODES:
+        raise ValueError(f"reassign mode must be one of {REASSIGN_MODES}, got {mode!r}")
     t0 = time.perf_counter()
     was_training = emb.training
     emb.eval()
-    try:
-        seen, losses, counts = reassign_losses(emb, model, batches, table, loss, env,
-                                               return_counts=True)
-    finally:
-        emb.train(was_training)
     state = emb.cluster_states[table]
     ccfg = getattr(emb, "_clustering", {}).get(table)
     policy = getattr(ccfg, "unseen_policy", "stay")
-    unseen_to = None
-    if policy != "stay":
-        # entities with too few interactions are treated like entities without data
-        cold = counts < max(int(getattr(ccfg, "cold_interactions", 1)), 1)
-        if policy == "pooled" and bool(cold.any()):
-            unseen_to = int(torch.argmin(losses[cold].sum(0)[: state.num_active]))
+    min_count = max(int(getattr(ccfg, "cold_interactions", 1)), 1)
+    if hasattr(emb, "sync_statistics"):
+        emb.sync_statistics([table])
+    try:
+        if mode == "exact":
+            if callable(batches):
+                make = batches
+            else:
+                materialised = list(batches)
+                make = lambda: iter(materialised)   # noqa: E731
+            # entities with too few interactions are treated like entities without data
+            seen, best, gain, counts, pooled = exact_proposal(
+                emb, model, make, table, loss, env, memory_bytes=memory_bytes,
+                pooled_below=min_count if policy == "pooled" else None)
         else:
+            seen, best, gain, counts = lite_proposal(emb, model, recent if recent is not None else batches,
+                                                     table, loss, env, k=lite_k)
+            pooled = None
+    finally:
+        emb.train(was_training)
+    unseen_to, unseen = None, None
+    if policy != "stay":
+        if mode == "exact":
+            cold = counts < min_count
+            if policy == "pooled" and bool(cold.any()):
+                unseen_to = int(torch.argmin(pooled[: state.num_active]))
+            else:
+                unseen_to = int(torch.argmax(state.interaction_counts()[: state.num_active]))
+        else:
+            # Lite sees only recent data: "cold" is judged by the lifetime interaction counters
+            lifetime = state.entity_interactions.cpu()
+            cold = lifetime[seen] < min_count
+            unseen = lifetime < min_count
+            unseen[seen[~cold]] = False
             unseen_to = int(torch.argmax(state.interaction_counts()[: state.num_active]))
-        seen, losses = seen[~cold], losses[~cold]
-    plan = decide_reassignment(state.assignment, state.num_active, seen, losses,
-                               keep_prob=keep_prob, generator=generator, unseen_to=unseen_to)
+        seen, best, gain = seen[~cold], best[~cold], gain[~cold]
+    plan = decide_reassignment_from_best(state.assignment, state.num_active, seen, best, gain,
+                                         keep_prob=keep_prob, generator=generator,
+                                         unseen_to=unseen_to, unseen=unseen)
     emb.apply_reassignment(table, plan, optimizer)
     report = PhaseReport("reassign", table, time.perf_counter() - t0, state.num_active,
                          {"moved": plan.num_moved, "entities_with_data": int(seen.numel()),
                           "kept_by_damping": plan.num_kept_by_damping,
                           "kept_to_avoid_empty": plan.num_kept_to_avoid_empty,
-                          "refilled": int(plan.row_dst.numel())})
+                          "refilled": int(plan.row_dst.numel()), "mode": mode})
     return plan, report
 
 

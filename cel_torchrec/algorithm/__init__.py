@@ -2,7 +2,8 @@
 from cel_torchrec.algorithm.ops import (cluster_grad_scale, remap_ids, scatter_entity_grads,
                                         segment_count, segment_covariance, segment_sum)
 from cel_torchrec.algorithm.reassign import (ReassignPlan, accumulate_candidate_losses,
-                                             decide_reassignment, mf_loss_matrix,
+                                             decide_reassignment, decide_reassignment_from_best,
+                                             mf_loss_matrix,
                                              mf_sufficient_stats)
 from cel_torchrec.algorithm.schedule import (REASSIGN, SPLIT, ClusterSchedule, coverage_window_steps,
                                            reference_reassign_points)
@@ -15,6 +16,6 @@ __all__ = [
     "ClusterState", "ClusterSchedule", "SplitWindow", "top_eigenvectors", "SplitPlan", "ReassignPlan", "SPLIT", "REASSIGN",
     "remap_ids", "segment_sum", "segment_count", "segment_covariance", "cluster_grad_scale",
     "scatter_entity_grads", "choose_clusters", "principal_directions", "gpca_split", "apply_split",
-    "accumulate_candidate_losses", "decide_reassignment", "mf_sufficient_stats", "mf_loss_matrix",
+    "accumulate_candidate_losses", "decide_reassignment", "decide_reassignment_from_best", "mf_sufficient_stats", "mf_loss_matrix",
     "reference_reassign_points", "coverage_window_steps",
 ]

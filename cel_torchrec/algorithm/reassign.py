@@ -68,22 +68,45 @@ def decide_reassignment(assignment: torch.Tensor, num_active: int, entity_ids: t
                         generator: torch.Generator | None = None,
                         unseen_to: int | None = None) -> ReassignPlan:
     """Reassign the entities `entity_ids` (those with training data), whose losses under each
-    active cluster are the rows of `loss_matrix` `[n, >= num_active]`.
+    active cluster are the rows of `loss_matrix` `[n, >= num_active]`: `argmin_k L_i(k)` (ties to
+    the lower id), then the rules of `decide_reassignment_from_best`."""
+    device = assignment.device
+    ent = entity_ids.long().to(device)
+    losses = loss_matrix[:, :num_active].to(device)
+    best = torch.argmin(losses, dim=1)           # first minimum -> lower id on ties
+    old = assignment.long()[ent]
+    gain = losses.gather(1, old[:, None])[:, 0] - losses.gather(1, best[:, None])[:, 0]
+    return decide_reassignment_from_best(assignment, num_active, ent, best, gain,
+                                         keep_prob=keep_prob, generator=generator,
+                                         unseen_to=unseen_to)
 
-    1. proposal: `argmin_k L_i(k)`, ties to the lower cluster id;
+
+def decide_reassignment_from_best(assignment: torch.Tensor, num_active: int,
+                                  entity_ids: torch.Tensor, best: torch.Tensor, gain: torch.Tensor,
+                                  *, keep_prob: float = 0.31,
+                                  generator: torch.Generator | None = None,
+                                  unseen_to: int | None = None,
+                                  unseen: torch.Tensor | None = None) -> ReassignPlan:
+    """Reassign the entities `entity_ids` to their proposed clusters `best` (each with `gain`,
+    the loss it saves by moving: `L(old) - L(best)`, >= 0). Memory O(N), whatever the number of
+    clusters, so exact (streamed over cluster blocks) and CEL-Lite (a few candidates per entity)
+    reassignment share it.
+
+    1. proposal: `best`;
     2. damping: each entity keeps its old cluster with probability `keep_prob`;
     3. an entity stays if leaving would empty its cluster (per emptied cluster, the leaver with
        the smallest loss gain stays; ties to the lower entity id);
     4. any active cluster still empty is refilled: it copies the largest cluster's row and takes a
        random half of that cluster's members.
     Entities not in `entity_ids` keep their cluster, or, with `unseen_to`, move to that cluster
-    (before rule 3, so that no cluster is left empty by it). Random draws use `generator` only."""
+    (before rule 3, so that no cluster is left empty by it); `unseen` (bool `[N]`, disjoint from
+    `entity_ids`) narrows who moves there. Random draws use `generator` only."""
     device = assignment.device
     old_all = assignment.long()
     ent = entity_ids.long().to(device)
-    losses = loss_matrix[:, :num_active].to(device)
+    best = best.long().to(device)
+    gain = gain.to(device)
     old = old_all[ent]
-    best = torch.argmin(losses, dim=1)           # first minimum -> lower id on ties
     moving = best != old
     draws = torch.rand(ent.numel(), generator=generator, device="cpu").to(device)
     damped = moving & (draws < keep_prob)
@@ -93,14 +116,14 @@ def decide_reassignment(assignment: torch.Tensor, num_active: int, entity_ids: t
     # can empty the cluster it was heading to, so repeat to a fixpoint (each round keeps >= 1).
     new_all = old_all.clone()
     if unseen_to is not None:
-        unseen = torch.ones(old_all.numel(), dtype=torch.bool, device=device)
-        unseen[ent] = False
-        new_all[unseen] = int(unseen_to)
+        if unseen is None:
+            unseen = torch.ones(old_all.numel(), dtype=torch.bool, device=device)
+            unseen[ent] = False
+        new_all[unseen.to(device)] = int(unseen_to)
     # rule 3 protects clusters non-empty after the unseen move; one emptied by that move alone
     # is refilled by rule 4
     before = torch.bincount(new_all, minlength=num_active)
     new_all[ent[moving]] = best[moving]
-    gain = losses[torch.arange(ent.numel(), device=device), old] - losses.gather(1, best[:, None])[:, 0]
     kept_empty = 0
     while True:
         after = torch.bincount(new_all, minlength=num_active)

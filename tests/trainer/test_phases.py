@@ -81,7 +81,7 @@ def test_reassign_losses_equal_brute_force(model_name):
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3)
     if model_name == "mf":      # the matmul path and the generic path agree
         seen2, generic = reassign_losses(emb, NoLinearForm(model), _batches(data), "item", "mse", ENV)
-        assert torch.allclose(generic, got, rtol=1e-4, atol=1e-3)
+        assert torch.equal(seen2, seen) and torch.allclose(generic, got, rtol=1e-4, atol=1e-3)
     # padding batches (valid=False) from a multi-rank pass add nothing
     padded = [(*b, True) for b in _batches(data)] + [(*next(_batches(data)), False)]
     _, with_pad = reassign_losses(emb, model, padded, "item", "mse", ENV)
