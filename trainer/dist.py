@@ -1,9 +1,10 @@
 """The one place that chooses device and process-group backend (nccl on GPUs, gloo on CPU)."""
 from __future__ import annotations
 
+import atexit
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -41,13 +42,14 @@ def choose_backend(requested: str = "auto", cuda: bool | None = None) -> str:
 
 def init_distributed(requested_backend: str = "auto") -> DistEnv:
     """Join the process group described by torchrun/Ray Train environment variables (or the one
-    Ray Train already created); a plain single process gets no process group."""
+    Ray Train already created); a plain single process gets no process group here (the
+    recipe makes a 1-rank one for fused tables, `init_single_process_group`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     owns = False
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _own_single_group():
         backend = dist.get_backend()
         world_size, rank = dist.get_world_size(), dist.get_rank()
     elif world_size > 1:
@@ -65,13 +67,54 @@ def init_distributed(requested_backend: str = "auto") -> DistEnv:
                    backend=backend, owns_process_group=owns)
 
 
+# the 1-rank group `init_single_process_group` created (None: it created none, or it is gone)
+_single_group: dist.ProcessGroup | None = None
+_at_exit_registered = False
+
+
+def _own_single_group() -> bool:
+    return (_single_group is not None and dist.is_available() and dist.is_initialized()
+            and dist.GroupMember.WORLD is _single_group)
+
+
+def init_single_process_group(env: DistEnv, requested_backend: str = "auto") -> DistEnv:
+    """A process group for a single process, so that its tables are sharded by TorchRec's
+    `DistributedModelParallel` on 1 rank, with FBGEMM's fused kernels and optimizer, exactly
+    like a multi-process run's. Joins the group that exists (Ray Train's 1-worker group, or the
+    one made here before), else creates a 1-rank group on an in-memory store (no port, no
+    files). The group made here stays for the process's later recipes; `shutdown_distributed`
+    (run_worker's exit) or, failing that, interpreter exit destroys it."""
+    global _single_group, _at_exit_registered
+    if env.world_size != 1:
+        raise ValueError(f"init_single_process_group: world size {env.world_size}, not 1")
+    if dist.is_initialized():
+        return replace(env, backend=dist.get_backend(), owns_process_group=_own_single_group())
+    backend = choose_backend(requested_backend, env.device.type == "cuda")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    _single_group = dist.GroupMember.WORLD
+    if not _at_exit_registered:
+        atexit.register(_destroy_single_group)
+        _at_exit_registered = True
+    return replace(env, backend=backend, owns_process_group=True)
+
+
+def _destroy_single_group() -> None:
+    global _single_group
+    if _own_single_group():
+        gc.collect()
+        dist.destroy_process_group()
+    _single_group = None
+
+
 def shutdown_distributed(env: DistEnv) -> None:
-    """Destroy the process group `init_distributed` created (Ray Train owns its own), after
-    collecting garbage: a process group kept alive by reference cycles until interpreter exit
-    lets a gloo worker thread free a finished work's tensors during finalization, which aborts
-    the process (SIGABRT, "terminate called without an active exception"; seen in our 2-process
-    tests)."""
-    if env.owns_process_group and dist.is_available() and dist.is_initialized():
+    """Destroy the process group `init_distributed` (or `init_single_process_group`) created
+    (Ray Train owns its own), after collecting garbage: a process group kept alive by reference
+    cycles until interpreter exit lets a gloo worker thread free a finished work's tensors
+    during finalization, which aborts the process (SIGABRT, "terminate called without an
+    active exception"; seen in our 2-process tests)."""
+    if _own_single_group():
+        _destroy_single_group()
+    elif env.owns_process_group and dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
 
