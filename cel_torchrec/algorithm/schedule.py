@@ -53,7 +53,9 @@ class ClusterSchedule:
         elif self.reassign_rule == "reference":
             points = set(reference_reassign_points(self.reassign_period, self.split_until))
         elif self.reassign_rule == "every":
-            points = set(range(self.reassign_period - 1, self.split_until, self.reassign_period))
+            if self.reassign_period <= 0:
+                raise ValueError("reassign_period must be positive")
+            points = set()      # arithmetic (see _is_reassign): O(1) memory for any split_until
         elif self.reassign_rule == "none":
             points = set()
         else:
@@ -72,17 +74,31 @@ class ClusterSchedule:
         ops = set()
         if 0 < t < self.split_until and t % self.split_interval == 0:
             ops.add(SPLIT)
-        if t in self._reassign_points:
+        if self._is_reassign(t):
             ops.add(REASSIGN)
         return frozenset(ops)
 
+    def _is_every(self) -> bool:
+        return self.reassign_at is None and self.reassign_rule == "every"
+
+    def _is_reassign(self, t: int) -> bool:
+        if self._is_every():
+            return 0 <= t < self.split_until and (t + 1) % self.reassign_period == 0
+        return t in self._reassign_points
+
     @property
     def reassign_points(self) -> list[int]:
+        """Every reassignment point (for rule `every` this list is split_until/period long)."""
+        if self._is_every():
+            return list(range(self.reassign_period - 1, self.split_until, self.reassign_period))
         return sorted(self._reassign_points)
 
     def last_point(self) -> int:
         """Last time at which any operation may run."""
         last_split = ((self.split_until - 1) // self.split_interval) * self.split_interval
+        if self._is_every():
+            n = self.split_until // self.reassign_period      # points p*k-1 < until
+            return max(last_split, self.reassign_period * n - 1) if n > 0 else last_split
         return max([last_split, *self._reassign_points])
 
 

@@ -28,6 +28,18 @@ def test_reference_schedule_points():
     assert reference_reassign_points(10, 100) == [9, 19, 29, 49, 69]
 
 
+def test_every_rule_is_arithmetic_at_any_horizon():
+    small = ClusterSchedule(split_interval=3, split_until=50, reassign_rule="every", reassign_period=7)
+    brute = [t for t in range(60) if "reassign" in small.actions(t)]
+    assert brute == small.reassign_points == list(range(6, 50, 7))
+    assert small.last_point() == 48
+    # an open-ended horizon (split until 1e12) builds no point set: O(1) memory and time
+    huge = ClusterSchedule(split_interval=5, split_until=10 ** 12, reassign_rule="every", reassign_period=2)
+    assert huge.actions(1) == {"reassign"} and huge.actions(10) == {"split"}
+    assert huge.actions(10 ** 12 - 1) == {"reassign"} and huge.actions(10 ** 12) == frozenset()
+    assert huge.last_point() == 10 ** 12 - 1
+
+
 def test_remap_and_counters():
     state = ClusterState(num_entities=6, max_clusters=4, init_clusters=1)
     state.assignment.copy_(torch.tensor([0, 0, 1, 1, 1, 2], dtype=torch.int32))
