@@ -120,6 +120,9 @@ class CelConfig:
     reassign_period: int = 40
     interval_unit: str = _choice("step", "step", "epoch")
     reassign_keep_prob: float = 0.31
+    # an entity moves only if its loss falls by more than this many times the mean training
+    # loss per interaction (0: any improvement, the reference's argmin)
+    reassign_min_gain: float = 0.0
     # > 0: a split window closes when its candidates' members have been seen this many times
     # on average (in data, so alike at any table size; capped at one epoch), instead of every
     # `split_interval` steps. splits_per_event 0 then doubles the clusters per event.

@@ -437,7 +437,7 @@ class TrainRecipe:
                     loss=self.cfg.train.loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
-                    lite_k=self.cfg.cel.lite_k)
+                    lite_k=self.cfg.cel.lite_k, min_gain=self.cfg.cel.reassign_min_gain)
                 reports.append(rep)
         if REASSIGN in actions and self.recent is not None:
             self.recent.clear()

@@ -160,8 +160,9 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
     streamed in blocks of `b = memory_bytes / (8 N)` (one pass over the data per block: a
     single pass whenever `N x M` float64 fits the budget); each block's `[N, b]` losses are
     reduced to the entities' owner ranks, which keep a running best. Returns `(seen, best,
-    gain, counts, pooled)`, identical on every rank; `pooled` is the per-cluster summed loss of
-    the entities with data but fewer than `pooled_below` interactions, or None."""
+    gain, counts, pooled, mean_loss)`, identical on every rank; `pooled` is the per-cluster
+    summed loss of the entities with data but fewer than `pooled_below` interactions, or None;
+    `mean_loss` the training loss per interaction at the current assignment."""
     state = emb.cluster_states[table]
     n, m = state.num_entities, state.num_active
     block = int(max(1, min(m, memory_bytes // max(8 * n, 1))))
@@ -216,7 +217,9 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
     best = _all_gather_owned(best, n, env)
     gain = _all_gather_owned(old_loss - best_loss, n, env)
     seen = (counts > 0).nonzero().flatten()
-    return seen, best[seen], gain[seen], counts[seen], pooled
+    total = all_reduce_(old_loss.sum().reshape(1), env)
+    mean_loss = float(total[0]) / max(int(counts.sum()), 1)
+    return seen, best[seen], gain[seen], counts[seen], pooled, mean_loss
 
 
 class RecentInteractions:
@@ -269,7 +272,8 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
     desired embedding after one Gauss-Newton step (`c - sum g / sum h` over its recent
     interactions), scored exactly on those interactions. Memory O(seen x (k + D)) beside the
     batches; multi-process: rows merged by entity over ranks, then each entity's candidate
-    losses reduced to its owner rank. Returns `(seen, best, gain, counts)`, same on every rank."""
+    losses reduced to its owner rank. Returns `(seen, best, gain, counts, mean_loss)`, same on
+    every rank (`mean_loss`: the recent loss per interaction at the current assignment)."""
     from cel_torchrec.distributed.collectives import all_gather_rows
     feature = TABLE_FEATURE[table]
     state = emb.cluster_states[table]
@@ -332,7 +336,8 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
     vals, pick = losses.min(dim=1)          # first minimum: the current cluster on ties
     best = cands.gather(1, pick[:, None])[:, 0]
     gain = losses[:, 0] - vals
-    return seen, best, gain, counts.to(torch.int32)
+    mean_loss = float(losses[:, 0].sum()) / max(float(counts.sum()), 1.0)
+    return seen, best, gain, counts.to(torch.int32), mean_loss
 
 
 def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -378,11 +383,14 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
                      keep_prob: float, generator: torch.Generator,
                      optimizer: torch.optim.Optimizer | None, mode: str = "exact",
                      recent: Iterable | None = None, lite_k: int = 8,
-                     memory_bytes: int = 256 << 20) -> tuple[ReassignPlan, PhaseReport]:
+                     memory_bytes: int = 256 << 20,
+                     min_gain: float = 0.0) -> tuple[ReassignPlan, PhaseReport]:
     """Reassignment of `table`'s entities, `exact` (every entity with data, every cluster, over
     `batches`: an iterable, or a callable returning a fresh one per cluster block) or `lite`
     (CEL-Lite over `recent`); the same decision on every rank (identical reduced proposals and
-    identically seeded generators)."""
+    identically seeded generators). An entity moves only if its loss falls by more than
+    `min_gain` times the mean loss per interaction (a likelihood-ratio test: with few
+    interactions the argmin over many clusters mostly fits noise)."""
     if mode not in REASSIGN_MODES:
         raise ValueError(f"reassign mode must be one of {REASSIGN_MODES}, got {mode!r}")
     t0 = time.perf_counter()
@@ -402,11 +410,11 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
                 materialised = list(batches)
                 make = lambda: iter(materialised)   # noqa: E731
             # entities with too few interactions are treated like entities without data
-            seen, best, gain, counts, pooled = exact_proposal(
+            seen, best, gain, counts, pooled, mean_loss = exact_proposal(
                 emb, model, make, table, loss, env, memory_bytes=memory_bytes,
                 pooled_below=min_count if policy == "pooled" else None)
         else:
-            seen, best, gain, counts = lite_proposal(emb, model, recent if recent is not None else batches,
+            seen, best, gain, counts, mean_loss = lite_proposal(emb, model, recent if recent is not None else batches,
                                                      table, loss, env, k=lite_k)
             pooled = None
     finally:
@@ -429,11 +437,14 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
         seen, best, gain = seen[~cold], best[~cold], gain[~cold]
     plan = decide_reassignment_from_best(state.assignment, state.num_active, seen, best, gain,
                                          keep_prob=keep_prob, generator=generator,
-                                         unseen_to=unseen_to, unseen=unseen)
+                                         unseen_to=unseen_to, unseen=unseen,
+                                         min_gain=min_gain * mean_loss)
     emb.apply_reassignment(table, plan, optimizer)
     report = PhaseReport("reassign", table, time.perf_counter() - t0, state.num_active,
                          {"moved": plan.num_moved, "entities_with_data": int(seen.numel()),
                           "kept_by_damping": plan.num_kept_by_damping,
+                          "kept_below_min_gain": plan.num_kept_below_min_gain,
+                          "mean_loss": mean_loss,
                           "kept_to_avoid_empty": plan.num_kept_to_avoid_empty,
                           "refilled": int(plan.row_dst.numel()), "mode": mode})
     return plan, report

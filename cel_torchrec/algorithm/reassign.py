@@ -19,6 +19,7 @@ class ReassignPlan:
     num_moved: int
     num_kept_by_damping: int
     num_kept_to_avoid_empty: int
+    num_kept_below_min_gain: int = 0
 
 
 def accumulate_candidate_losses(loss_matrix: torch.Tensor, slot_of_entity: torch.Tensor,
@@ -86,13 +87,15 @@ def decide_reassignment_from_best(assignment: torch.Tensor, num_active: int,
                                   *, keep_prob: float = 0.31,
                                   generator: torch.Generator | None = None,
                                   unseen_to: int | None = None,
-                                  unseen: torch.Tensor | None = None) -> ReassignPlan:
+                                  unseen: torch.Tensor | None = None,
+                                  min_gain: float = 0.0) -> ReassignPlan:
     """Reassign the entities `entity_ids` to their proposed clusters `best` (each with `gain`,
     the loss it saves by moving: `L(old) - L(best)`, >= 0). Memory O(N), whatever the number of
     clusters, so exact (streamed over cluster blocks) and CEL-Lite (a few candidates per entity)
     reassignment share it.
 
-    1. proposal: `best`;
+    1. proposal: `best`, kept only where `gain > min_gain` (a significance threshold; 0: any
+       strict improvement);
     2. damping: each entity keeps its old cluster with probability `keep_prob`;
     3. an entity stays if leaving would empty its cluster (per emptied cluster, the leaver with
        the smallest loss gain stays; ties to the lower entity id);
@@ -108,6 +111,8 @@ def decide_reassignment_from_best(assignment: torch.Tensor, num_active: int,
     gain = gain.to(device)
     old = old_all[ent]
     moving = best != old
+    below = moving & (gain <= min_gain) if min_gain > 0 else torch.zeros_like(moving)
+    moving = moving & ~below
     draws = torch.rand(ent.numel(), generator=generator, device="cpu").to(device)
     damped = moving & (draws < keep_prob)
     moving = moving & ~damped
@@ -133,9 +138,9 @@ def decide_reassignment_from_best(assignment: torch.Tensor, num_active: int,
         idx = moving.nonzero().flatten()
         from_emptied = idx[emptied[old[idx]]]
         cl = old[from_emptied]
-        min_gain = torch.full((num_active,), torch.inf, dtype=gain.dtype, device=device)
-        min_gain.scatter_reduce_(0, cl, gain[from_emptied], reduce="amin")
-        cand = from_emptied[gain[from_emptied] == min_gain[cl]]
+        least_gain = torch.full((num_active,), torch.inf, dtype=gain.dtype, device=device)
+        least_gain.scatter_reduce_(0, cl, gain[from_emptied], reduce="amin")
+        cand = from_emptied[gain[from_emptied] == least_gain[cl]]
         cand_cl = old[cand]
         min_ent = torch.full((num_active,), old_all.numel(), dtype=torch.long, device=device)
         min_ent.scatter_reduce_(0, cand_cl, ent[cand], reduce="amin")
@@ -163,5 +168,6 @@ def decide_reassignment_from_best(assignment: torch.Tensor, num_active: int,
         row_dst=torch.tensor(dst_rows, dtype=torch.long, device=device),
         num_moved=int((new_all != old_all).sum()),
         num_kept_by_damping=int(damped.sum()),
+        num_kept_below_min_gain=int(below.sum()),
         num_kept_to_avoid_empty=kept_empty,
     )

@@ -29,7 +29,7 @@ def test_exact_streamed_over_cluster_blocks_equals_the_dense_decision(model_name
                                generator=torch.Generator().manual_seed(5))
     n = st.num_entities
     for budget in (8 * n * 1, 8 * n * 2, 1 << 30):          # blocks of 1, 2 and all clusters
-        s, best, gain, counts, _ = exact_proposal(emb, model, lambda: _batches(data), "item",
+        s, best, gain, counts, _, _ = exact_proposal(emb, model, lambda: _batches(data), "item",
                                                   "mse", ENV, memory_bytes=budget)
         assert torch.equal(s, seen) and torch.equal(best, dense.argmin(1))
         old = st.assignment.long()[seen]
@@ -55,7 +55,7 @@ def test_lite_only_moves_recently_seen_entities_to_one_of_their_candidates():
     emb, model, data = setup("mf", seed=9, items=40, clusters=5)
     u, i, y = data
     recent = list(_batches((u[:20], i[:20], y[:20])))
-    seen, best, gain, counts = lite_proposal(emb, model, recent, "item", "mse", ENV, k=2)
+    seen, best, gain, counts, _ = lite_proposal(emb, model, recent, "item", "mse", ENV, k=2)
     assert torch.equal(seen, torch.unique(i[:20]))
     assert (gain >= -1e-9).all() and int(counts.sum()) == 20
     plan, _ = _plan(emb, model, data, mode="lite", recent=recent, lite_k=2)
@@ -101,3 +101,34 @@ def test_reassignment_memory_is_bounded_at_scale():
     assert peak_exact <= budget + 65536, peak_exact
     print(f"largest allocation: exact {peak_exact:,} B, lite {peak_lite:,} B, dense {dense_bytes:,} B")
     assert peak_lite < dense_bytes / 8, peak_lite
+
+
+def test_min_gain_keeps_exactly_the_movers_whose_gain_is_below_the_threshold():
+    """`min_gain` is relative to the mean loss per interaction: an entity whose argmin saves no
+    more than `min_gain x mean_loss` keeps its cluster; damping off, so the rest all move."""
+    emb, model, data = setup("mf", seed=11, items=40, clusters=5)
+    s, best, gain, counts, _, mean_loss = exact_proposal(emb, model, lambda: _batches(data),
+                                                         "item", "mse", ENV)
+    old = emb.cluster_states["item"].assignment.long()[s]
+    movers = best != old
+    assert int(movers.sum()) >= 4 and mean_loss > 0
+    # a threshold between the movers' smallest and largest gains
+    rel = float(gain[movers].median()) / mean_loss
+    plans = {}
+    for mg in (0.0, rel, 1e9):
+        e = copy.deepcopy(emb)
+        plans[mg], rep = run_reassignment(e, model, lambda: _batches(data), "item", loss="mse",
+                                          env=ENV, keep_prob=0.0,
+                                          generator=torch.Generator().manual_seed(5),
+                                          optimizer=None, min_gain=mg)
+        assert rep.detail["kept_below_min_gain"] == plans[mg].num_kept_below_min_gain
+    assert plans[0.0].num_kept_below_min_gain == 0
+    assert plans[1e9].num_kept_below_min_gain == int(movers.sum())
+    assert plans[1e9].num_moved == 0
+    small = movers & (gain <= rel * mean_loss)
+    assert plans[rel].num_kept_below_min_gain == int(small.sum()) > 0
+    new = plans[rel].new_assignment.long()[s]
+    assert torch.equal(new[small], old[small])            # low-gain movers stay
+    big = movers & ~small
+    assert plans[rel].num_kept_to_avoid_empty == 0 and plans[rel].row_dst.numel() == 0
+    assert torch.equal(new[big], best[big])               # the others take their argmin
