@@ -21,6 +21,9 @@ test-all: venv
 bench: venv
 	$(PY) -m bench.data_pipeline_bench
 	$(PY) -m bench.quality_ml100k
+	$(PY) -m bench.quality_ml100k --fused --models mf
+	$(PY) -m bench.quality_ml100k --lite
+	$(PY) -m bench.scale_bench --sizes 10000 100000
 	$(PY) -m bench.sharded_bench
 	$(PY) -m bench.ray_bench
 	$(PY) -m bench.report

@@ -3,7 +3,8 @@ with users clustered too, the full-embedding model, hashing and quotient-remaind
 bytes of CEL-50, for MF and NeuMF.
 
     python -m bench.quality_ml100k [--data data/ml100k] [--src /work/shared/datasets/ml-100k]
-                                   [--quick] [--tune] [--models mf,neumf]
+                                   [--quick] [--tune] [--fused] [--lite]
+                                   [--models mf,neumf]
 
 Every run is a fresh `python -m trainer.main --config configs/ml100k_<model>.yaml ...` subprocess;
 its RUN_DIR/metrics.json (and the per-epoch metrics.jsonl) are read back. Settings: the configs
@@ -215,6 +216,58 @@ def main_tune(args, data: pathlib.Path) -> None:
     print(f"[bench] wrote {path}")
 
 
+# Fused vs torch-optimizer tables: the same runs (Adagrad, the one kind fused on CPU; no per-item
+# bias, which the sharded collection lacks), once on FBGEMM's fused TBE and once on torch's
+# optimizer over nn.EmbeddingBag tables, so the kernels are the only difference.
+FUSED_SETTINGS = ["train.optimizer=adagrad", "train.lr=0.05", "train.l2=0.08", "train.epochs=16",
+                  "cel.items.entity_bias=false", "cel.items.unseen_policy=pooled"]
+
+
+def main_fused(args, data: pathlib.Path) -> None:
+    records = []
+    with tempfile.TemporaryDirectory(prefix="cel_fused_") as tmp:
+        for model in args.models:
+            for method, extra in (("cel", ["cel.items.max_clusters=50"]),
+                                  ("full", ["embedding.method=full"])):
+                for fused in ("on", "off"):
+                    ov = [*FUSED_SETTINGS, *extra, f"train.fused_tables={fused}"]
+                    name = f"{model}_{method}_fused_{fused}"
+                    metrics = run_trainer(model, ov, data, pathlib.Path(tmp), name)
+                    rec = record(model, method, metrics, 50 if method == "cel" else None, None,
+                                 None, ov)
+                    rec["fused_tables"] = fused
+                    records.append(rec)
+                    print(f"[fused] {name}: best {rec['best_val_rmse']:.4f} final "
+                          f"{rec['val_rmse']:.4f} train {rec['train_time_s']:.1f}s", flush=True)
+    print_table(records, ["model", "method", "fused_tables", "best_val_rmse", "val_rmse",
+                          "best_val_rmse_cold", "best_epoch", "train_time_s"])
+    path = write_results("quality_ml100k_fused", records, selection="best epoch on validation",
+                         settings=FUSED_SETTINGS)
+    print(f"[bench] wrote {path}")
+
+
+def main_lite(args, data: pathlib.Path) -> None:
+    """CEL-50 with exact reassignment (the configs' default at this size) and with CEL-Lite
+    (`cel.reassign_mode=lite`, the default above 2^25 entities x clusters), side by side."""
+    records = []
+    with tempfile.TemporaryDirectory(prefix="cel_lite_") as tmp:
+        for model in args.models:
+            for mode in ("exact", "lite"):
+                ov = ["cel.items.max_clusters=50", f"cel.reassign_mode={mode}"]
+                name = f"{model}_cel50_{mode}"
+                metrics = run_trainer(model, ov, data, pathlib.Path(tmp), name)
+                rec = record(model, "cel", metrics, 50, None, None, ov)
+                rec["reassign_mode"] = mode
+                rec["reassign_time_s"] = metrics.get("reassign_time_s")
+                records.append(rec)
+                print(f"[lite] {name}: best {rec['best_val_rmse']:.4f} final {rec['val_rmse']:.4f} "
+                      f"train {rec['train_time_s']:.1f}s", flush=True)
+    print_table(records, ["model", "reassign_mode", "best_val_rmse", "val_rmse",
+                          "best_val_rmse_cold", "best_epoch", "reassign_time_s", "train_time_s"])
+    path = write_results("quality_ml100k_lite", records, selection="best epoch on validation")
+    print(f"[bench] wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality_ml100k", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="CEL-50 and baselines, 3 epochs, "
                         "no results file (a smoke test)")
     parser.add_argument("--tune", action="store_true", help="run the tuning grid instead")
+    parser.add_argument("--fused", action="store_true", help="fused vs torch-optimizer tables, "
+                        "same runs (writes quality_ml100k_fused.json)")
+    parser.add_argument("--lite", action="store_true", help="CEL-50 with exact vs CEL-Lite "
+                        "reassignment (writes quality_ml100k_lite.json)")
     parser.add_argument("--models", default="mf,neumf")
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs (tuning only)")
     args = parser.parse_args(argv)
@@ -234,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     num_items = json.loads((data / "meta.json").read_text())["num_items"]
     if args.tune:
         main_tune(args, data)
+    elif args.fused:
+        main_fused(args, data)
+    elif args.lite:
+        main_lite(args, data)
     else:
         main_bench(args, data, num_items)
 

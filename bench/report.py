@@ -20,6 +20,11 @@ COLUMNS = {
                 "samples_per_s", "embedding_bytes", "phase",
                 "seconds", "fraction_of_epoch"],
     "gpu_ops": ["op", "seconds", "vs_full_lookup", "batch", "entities", "clusters", "dim"],
+    "scale": ["entities", "method", "reassign_mode", "item_clusters", "samples_per_s", "epoch_s",
+              "split_s", "reassign_s", "phase_share", "peak_rss_bytes", "embedding_bytes",
+              "val_rmse", "val_rmse_cold", "purity_items", "ari_items"],
+    "quality_ml100k_fused": ["model", "method", "fused_tables", "best_val_rmse", "val_rmse",
+                             "best_val_rmse_cold", "best_epoch", "train_time_s"],
     "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local", "first_epoch_s", "wall_s"],
 }
 SKIP = {"note", "args"}
