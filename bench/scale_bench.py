@@ -1,8 +1,9 @@
 """CEL at growing table sizes: planted synthetic data with ~10 interactions per entity, CEL
 (Lite and exact reassignment), the oracle (planted assignment, rows trained) and the full model,
-one process each, side by side per size.
+one process each (and the full model and CEL-Lite on 2 gloo processes), side by side per size.
 
     python -m bench.scale_bench [--sizes 10000 100000 1000000] [--epochs 2] [--planted 16]
+                                [--procs 1 2] [--methods full,oracle,cel,cel_gated]
 
 Each run is the real trainer (`trainer.main`, fresh subprocess, so its peak RSS is its own) on
 `data.synthetic` with `users = items = size`, `interactions = 10 * size`, MF with 32 table
@@ -26,27 +27,38 @@ import time
 
 from bench.common import print_table, write_results
 
-COLUMNS = ["entities", "method", "reassign_mode", "item_clusters", "samples_per_s", "epoch_s",
+COLUMNS = ["entities", "processes", "method", "reassign_mode", "item_clusters", "samples_per_s", "epoch_s",
            "epoch_s_without_phases", "split_s", "reassign_s", "phase_share", "peak_rss_bytes",
            "embedding_bytes", "val_rmse", "val_rmse_cold", "purity_items", "purity_users",
            "ari_items", "ari_users"]
 
 _RUNNER = r"""
-import json, resource, sys
+import json, os, resource, sys
 from trainer.config import load_config
 from trainer.worker import run_worker
 cfg = load_config(None, sys.argv[1:])
 m = run_worker(cfg)
 m["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("SCALE_RESULT " + json.dumps({k: v for k, v in m.items() if not isinstance(v, (list, dict))}))
+if int(os.environ.get("RANK", "0")) == 0:
+    print("SCALE_RESULT " + json.dumps({k: v for k, v in m.items() if not isinstance(v, (list, dict))}))
 """
 
 
-def run_one(overrides: list[str], timeout: float) -> dict:
+def run_one(overrides: list[str], timeout: float, procs: int = 1) -> dict:
+    """One trainer run in a fresh process (`procs` > 1: torchrun with that many gloo ranks, one
+    intra-op thread each); its metrics plus the largest RSS of any of its processes."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
+    if procs == 1:
+        cmd = [sys.executable, "-c", _RUNNER, *overrides]
+    else:
+        env["OMP_NUM_THREADS"] = "1"
+        runner = pathlib.Path(tempfile.mkdtemp(prefix="scale_runner_")) / "runner.py"
+        runner.write_text(_RUNNER)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={procs}", str(runner), *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, *overrides], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines():
         if line.startswith("SCALE_RESULT "):
@@ -105,6 +117,8 @@ def main(argv=None) -> None:
                    help="run exact reassignment only where entities x clusters <= this")
     p.add_argument("--methods", default="full,oracle,cel,cel_gated",
                    help="comma-separated subset of full,oracle,cel,cel_gated")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2],
+                   help="process counts (> 1: torchrun, gloo; full and CEL-Lite at the budget)")
     p.add_argument("--cache", default="data/cache")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--name", default="scale")
@@ -138,12 +152,18 @@ def main(argv=None) -> None:
             plans += [("cel_gated", mode, clusters, [*extra, *gate])
                       for method, mode, clusters, extra in list(plans)
                       if method == "cel" and clusters == budget]
-            plans = [pl for pl in plans if pl[0] in args.methods.split(",")]
-            for method, mode, clusters, extra in plans:
-                name = f"{size}_{method}_{mode}_{clusters}"
+            plans = [(*pl, 1) for pl in plans if pl[0] in args.methods.split(",")]
+            # several gloo processes: the full model and CEL-Lite at the budget, side by side
+            for procs in (p for p in args.procs if p > 1):
+                plans += [(*pl[:4], procs) for pl in plans
+                          if pl[4] == 1 and (pl[0] == "full" or (pl[0] == "cel" and pl[1] == "lite"
+                                                                 and pl[2] == budget))]
+            for method, mode, clusters, extra, procs in plans:
+                name = f"{size}_{method}_{mode}_{clusters}_p{procs}"
                 print(f"[scale] {name} ...", flush=True)
-                m = run_one(base_overrides(size, args, run_dir, name) + extra, args.timeout)
+                m = run_one(base_overrides(size, args, run_dir, name) + extra, args.timeout, procs)
                 rec = record_of(size, method, mode, clusters, m, args.epochs)
+                rec["processes"] = procs
                 records.append(rec)
                 print(f"[scale] {name}: val_rmse {rec['val_rmse']:.4f} epoch {rec['epoch_s']:.1f} s "
                       f"phases {rec['phase_share'] or 0:.1%} rss {rec['peak_rss_bytes'] / 2**20:.0f} MiB",
