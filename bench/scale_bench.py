@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--planted", type=int, default=16)
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--coverage", type=float, default=1.0)
+    p.add_argument("--coverage", type=float, default=2.0)
     p.add_argument("--exact-max-cells", type=float, default=2 ** 25,
                    help="run exact reassignment only where entities x clusters <= this")
     p.add_argument("--methods", default="full,oracle,cel,cel_gated",
