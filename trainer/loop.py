@@ -217,9 +217,13 @@ class TrainRecipe:
         self.reassign_mode = reassign_mode_for(cfg, self.cel)
         self.recent = (RecentInteractions(cfg.cel.lite_buffer_samples)
                        if self.reassign_mode == "lite" else None)
+        self.jsonl_phases = self.run_dir / "phases.jsonl"
+        if env.is_main and self._resume_candidate() is None:
+            # a fresh run in a reused RUN_DIR starts its logs afresh (a resumed one appends)
+            for stale in (self.jsonl_phases, self.run_dir / "metrics.jsonl"):
+                stale.unlink(missing_ok=True)
         self.logger = build_loggers(cfg.tracking, str(self.run_dir), config_to_dict(cfg), env.rank)
         self.logger.log_config(config_to_dict(cfg))
-        self.jsonl_phases = self.run_dir / "phases.jsonl"
         resumed = self._maybe_resume()
         if self.is_cel and not resumed:
             for table in self.cel.clustered_tables:
@@ -563,7 +567,9 @@ class TrainRecipe:
                                 checkpoint_dir=str(path) if self.env.is_main else None)
         return path
 
-    def _maybe_resume(self) -> bool:
+    def _resume_candidate(self) -> pathlib.Path | None:
+        """The checkpoint this run resumes from (Ray's latest, else RUN_DIR's with
+        `run.resume`), or None for a fresh run."""
         candidates = []
         if self.ray_ctx is not None:
             d = self.ray_ctx.latest_checkpoint_dir()
@@ -571,12 +577,15 @@ class TrainRecipe:
                 candidates.append(pathlib.Path(d))
         if self.cfg.run.resume:
             candidates.append(self._checkpoint_dir())
-        for d in candidates:
-            if (d / "state.pt").exists():
-                self.load_checkpoint(d)
-                self._verify_resumed(d)
-                return True
-        return False
+        return next((d for d in candidates if (d / "state.pt").exists()), None)
+
+    def _maybe_resume(self) -> bool:
+        d = self._resume_candidate()
+        if d is None:
+            return False
+        self.load_checkpoint(d)
+        self._verify_resumed(d)
+        return True
 
     def cluster_digest(self) -> dict:
         """Per clustered table: active clusters and a SHA-1 of the assignment map (written with

@@ -121,3 +121,22 @@ def test_trainer_destroys_only_the_process_group_it_created():
     assert (single.owns_process_group, single.backend) == (False, None)
     shutdown_distributed(single)
     assert run_ranks(_group_owner_worker) == [(False, 2, True)] * 2
+
+
+def test_a_fresh_run_in_a_reused_run_dir_starts_its_logs_afresh_and_a_resumed_one_appends(tmp_path):
+    run_dir = tmp_path / "runs" / "tiny"
+
+    def lines():
+        return {n: len((run_dir / n).read_text().splitlines())
+                for n in ("phases.jsonl", "metrics.jsonl")}
+
+    run_worker(tiny_config(tmp_path, "train.epochs=1"))
+    first = lines()
+    assert first["phases.jsonl"] > 0 and first["metrics.jsonl"] > 0
+    run_worker(tiny_config(tmp_path, "train.epochs=1"))           # run.resume=false: fresh
+    assert lines() == first
+    run_worker(tiny_config(tmp_path, "train.epochs=2", "run.resume=true"))
+    resumed = lines()
+    assert all(resumed[n] > first[n] for n in first)
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)             # one run's history, continued, not two interleaved
