@@ -21,6 +21,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+# the commit the benchmark started from (a long benchmark may outlive the HEAD it ran)
+COMMIT_AT_START = git_commit()
+
+
 def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus"
 
@@ -34,7 +38,7 @@ def write_results(name: str, records: list[dict[str, Any]], **extra: Any) -> pat
     """Write bench/results/<name>.json as {benchmark, commit, machine, records, ...}."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    payload = {"benchmark": name, "commit": git_commit(), "machine": machine(),
+    payload = {"benchmark": name, "commit": COMMIT_AT_START, "machine": machine(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
                "records": records}
     path.write_text(json.dumps(payload, indent=2) + "\n")
