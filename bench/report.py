@@ -21,7 +21,7 @@ COLUMNS = {
                 "seconds", "fraction_of_epoch"],
     "gpu_ops": ["op", "seconds", "vs_full_lookup", "batch", "entities", "clusters", "dim"],
     "scale": ["entities", "processes", "method", "reassign_mode", "item_clusters", "samples_per_s", "epoch_s",
-              "split_s", "reassign_s", "phase_share", "peak_rss_bytes", "embedding_bytes",
+              "split_s", "reassign_s", "phase_share", "peak_rss_bytes", "embedding_state_bytes",
               "val_rmse", "val_rmse_cold", "purity_items", "ari_items"],
     "quality_ml100k_fused": ["model", "method", "fused_tables", "best_val_rmse", "val_rmse",
                              "best_val_rmse_cold", "best_epoch", "train_time_s"],

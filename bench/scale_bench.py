@@ -11,7 +11,8 @@ columns, batch 8192, Adagrad. CEL gets `4 x planted` clusters per table (splits 
 coverage-closed windows that double the cluster count, reassignment twice per epoch) and a run at
 budget = planted (for the adjusted Rand index), and the budget runs again with reassignment gated
 by significance (`cel.reassign_min_gain=3`, entities under 3 interactions pooled). Records samples/s, seconds per epoch with and
-without phases, each phase's seconds and share, peak RSS, val RMSE (all / cold), purity and ARI
+without phases, each phase's seconds and share, peak RSS, embedding bytes (serving) and embedding state bytes (training: tables, optimizer
+state, maps, counters, split windows, the Lite buffer, at their peak), val RMSE (all / cold), purity and ARI
 on warm entities. Prints a table and writes bench/results/scale.json.
 """
 from __future__ import annotations
@@ -27,10 +28,10 @@ import time
 
 from bench.common import print_table, write_results
 
-COLUMNS = ["entities", "processes", "method", "reassign_mode", "item_clusters", "samples_per_s", "epoch_s",
-           "epoch_s_without_phases", "split_s", "reassign_s", "phase_share", "peak_rss_bytes",
-           "embedding_bytes", "val_rmse", "val_rmse_cold", "purity_items", "purity_users",
-           "ari_items", "ari_users"]
+COLUMNS = ["entities", "processes", "method", "reassign_mode", "item_clusters", "samples_per_s",
+           "epoch_s", "epoch_s_without_phases", "split_s", "reassign_s", "phase_share",
+           "peak_rss_bytes", "embedding_bytes", "embedding_state_bytes", "val_rmse",
+           "val_rmse_cold", "purity_items", "purity_users", "ari_items", "ari_users"]
 
 _RUNNER = r"""
 import json, os, resource, sys
@@ -97,6 +98,7 @@ def record_of(size: int, method: str, mode: str | None, clusters: int | None, m:
             "split_s": split, "reassign_s": reassign,
             "phase_share": (split + reassign) / train if train else None,
             "peak_rss_bytes": m.get("peak_rss_bytes"), "embedding_bytes": m.get("embedding_bytes"),
+            "embedding_state_bytes": m.get("embedding_state_bytes"),
             "val_rmse": m.get("val_rmse"), "val_rmse_cold": m.get("val_rmse_cold"),
             "best_val_rmse": m.get("best_val_rmse"),
             "purity_items": m.get("purity_items"), "purity_users": m.get("purity_users"),

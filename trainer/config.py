@@ -96,7 +96,8 @@ class ClusteringConfig:
     cold_interactions: int = 1
     # MF entity_bias only: per-step L2 pull of the per-entity biases toward zero
     entity_bias_decay: float = 0.0
-    # most entities a split window records (None: max(4096, entities // 16)); the others stay
+    # most entities a split window records (None: max(4096, entities // 16), at most entities);
+    # the others stay
     window_rows: int | None = None
     # what GPCA decomposes per informed member: its summed gradient (reference) or the mean
     split_gradient: str = _choice("sum", "sum", "mean")

@@ -170,6 +170,7 @@ class TrainRecipe:
         self.split_due: dict[str, int] = {}     # cel.split_coverage: step each window closes
         self._phase_totals: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.state_bytes_peak = 0
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
@@ -427,6 +428,8 @@ class TrainRecipe:
             return
         reports = []
         recent = None
+        # windows and the Lite buffer are at their fullest right before the phases
+        self.state_bytes_peak = max(self.state_bytes_peak, self.embedding_state_bytes())
         if REASSIGN in actions and self.recent is not None:
             recent = list(self._padded(iter(self.recent)))     # equal batch counts on every rank
         for table in self.cel.clustered_tables:
@@ -455,6 +458,42 @@ class TrainRecipe:
         for rep in reports:     # per-event detail goes to phases.jsonl; totals to the logger
             self._phase_totals[f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}"] = \
                 self._phase_totals.get(f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}", 0.0) + rep.seconds
+
+    def embedding_state_bytes(self) -> int:
+        """This rank's bytes of entity-dependent training state, counted once per storage: the
+        embedding collection's tensors (tables; FBGEMM's fused optimizer state, which its
+        modules hold; assignment maps; counters), the torch optimizer's state for unfused
+        tables, the split windows and the CEL-Lite buffer. Not included: the transient
+        per-phase work buffers (exact reassignment's loss blocks, within a 256 MiB budget)."""
+        storages: dict = {}
+
+        def add(t) -> None:
+            if torch.is_tensor(t) and t.device.type != "meta" and t.numel():
+                st = t.untyped_storage()
+                storages[(str(t.device), st.data_ptr())] = st.nbytes()
+
+        # TorchRec's sharded modules keep their FBGEMM kernels (weights, momentum) in `_lookups`,
+        # outside the module tree
+        # outside the module tree, and their parameters() show only views of the weights
+        mods = [*self.emb.modules()] + [sub for m in self.emb.modules()
+                                         for lk in (getattr(m, "_lookups", None) or ())
+                                         for sub in lk.modules()]
+        for mod in mods:
+            for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
+                add(t)
+        if not self.tables.fused:
+            for p in self.emb.parameters():
+                for v in self.optimizer.state.get(p, {}).values():
+                    add(v)
+        if self.cel is not None:
+            for w in getattr(self.cel, "_windows", {}).values():
+                for v in vars(w).values():
+                    add(v)
+        if self.recent is not None:
+            for kjt, dense, label in iter(self.recent):
+                for t in (kjt.values(), kjt.lengths(), kjt.weights_or_none(), dense, label):
+                    add(t)
+        return int(sum(storages.values()))
 
     def _cluster_counts(self) -> dict:
         if self.cel is None:
@@ -645,6 +684,8 @@ class TrainRecipe:
         final = self.evaluate("val")
         metrics = {**final,
                    "embedding_bytes": self.embedding_bytes,
+                   "embedding_state_bytes": max(self.state_bytes_peak,
+                                                self.embedding_state_bytes()),
                    "train_time_s": self.train_seconds,
                    "split_time_s": self.phase_seconds["split"],
                    "reassign_time_s": self.phase_seconds["reassign"],

@@ -16,8 +16,8 @@ from trainer.worker import run_worker
 
 # the headline metrics printed at the end of a run (metrics.json has them all)
 HEADLINE = ("val_rmse", "val_rmse_cold", "val_rmse_warm", "best_val_rmse", "val_auc",
-            "val_logloss", "val_auc_cold", "embedding_bytes", "num_clusters_items",
-            "num_clusters_users", "steps", "epochs", "train_time_s", "split_time_s",
+            "val_logloss", "val_auc_cold", "embedding_bytes", "embedding_state_bytes",
+            "num_clusters_items", "num_clusters_users", "steps", "epochs", "train_time_s", "split_time_s",
             "reassign_time_s")
 
 

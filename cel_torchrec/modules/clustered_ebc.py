@@ -40,7 +40,8 @@ class ClusteringConfig:
 
     `splits_per_event`: clusters split per event (0: every active cluster with two or more
     members, i.e. the cluster count doubles per event until `max_clusters`). `window_rows`: most
-    entities a split window records (None: `max(4096, num_entities // 16)`); members it does
+    entities a split window records (None: `max(4096, num_entities // 16)`, at most
+    `num_entities`); members it does
     not record stay with their parent. `split_gradient`: what GPCA decomposes per member, the
     gradient `sum` over its interactions (the reference) or its `mean` (every informed member
     weighs the same)."""
@@ -61,7 +62,8 @@ class ClusteringConfig:
     def window_rows_for(self, num_entities: int) -> int:
         if self.window_rows is not None:
             return max(1, int(self.window_rows))
-        return max(4096, num_entities // 16)
+        # a window holds at most one row per entity: never more rows than the table has
+        return max(1, min(num_entities, max(4096, num_entities // 16)))
 
 
 SPLIT_GRADIENTS = ("sum", "mean")

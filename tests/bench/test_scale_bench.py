@@ -23,4 +23,5 @@ def test_scale_bench_runs_and_records_each_method(tmp_path, monkeypatch):
     for r in (cel16, cel4, cel16_2):
         assert 0 < r["purity_items"] <= 1 and r["val_rmse"] > 0 and r["samples_per_s"] > 0
         assert 0 <= r["phase_share"] < 1 and r["peak_rss_bytes"] > 0
+        assert r["embedding_state_bytes"] > r["embedding_bytes"] > 0
     assert cel16["num_clusters_items"] > cel4["num_clusters_items"] >= 2

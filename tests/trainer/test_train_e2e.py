@@ -140,3 +140,17 @@ def test_a_fresh_run_in_a_reused_run_dir_starts_its_logs_afresh_and_a_resumed_on
     assert all(resumed[n] > first[n] for n in first)
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)             # one run's history, continued, not two interleaved
+
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_embedding_state_bytes_counts_tables_and_their_optimizer_state(tmp_path, fused):
+    """Full tables under Adagrad: the rows plus one accumulator per element, whether FBGEMM's
+    fused kernels hold them or torch's optimizer. CEL: its rows and maps plus its counters and
+    split windows, and it stays below the full model's state even at this toy size."""
+    full = run_worker(tiny_config(tmp_path, "embedding.method=full", "train.epochs=1",
+                                  f"train.fused_tables={fused}"))
+    assert 2 * full["embedding_bytes"] <= full["embedding_state_bytes"] \
+        <= 2 * full["embedding_bytes"] + 4096
+    cel = run_worker(tiny_config(tmp_path, "train.epochs=1", f"train.fused_tables={fused}",
+                                 "run.name=tiny_cel"))
+    assert cel["embedding_bytes"] < cel["embedding_state_bytes"] < full["embedding_state_bytes"]
