@@ -25,6 +25,8 @@ COLUMNS = {
               "val_rmse", "val_rmse_cold", "purity_items", "ari_items"],
     "quality_ml100k_fused": ["model", "method", "fused_tables", "best_val_rmse", "val_rmse",
                              "best_val_rmse_cold", "best_epoch", "train_time_s"],
+    "quality_ml100k_lite": ["model", "reassign_mode", "item_clusters", "best_val_rmse", "val_rmse",
+                            "best_val_rmse_cold", "best_epoch", "reassign_time_s", "train_time_s"],
     "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local", "first_epoch_s", "wall_s"],
 }
 SKIP = {"note", "args"}
