@@ -264,16 +264,31 @@ def _gauss_newton(model, embs: dict, dense, label, feature: str, loss: str):
     return dl[:, None] * jac, w * (jac * jac).sum(1) / jac.shape[1]
 
 
+def _linear_losses(x: torch.Tensor, const: torch.Tensor, label: torch.Tensor,
+                   candidates: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample losses `[b, K]` of a model linear in the entity's embedding (`pred = x . e +
+    const`) under per-sample candidate rows `candidates` `[b, K, D]`."""
+    width = x.shape[1]
+    pred = torch.bmm(candidates[:, :, :width], x[:, :, None])[:, :, 0] + const[:, None]
+    return per_sample_loss(pred, label[:, None].expand_as(pred), loss)
+
+
 @torch.no_grad()
 def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: DistEnv,
-                  k: int = 8, max_rows: int = 1 << 18):
+                  k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20):
     """CEL-Lite proposal: only the entities seen in `recent` (the interactions since the last
     reassignment), each over `k + 1` candidates: its cluster and the `k` clusters nearest to its
     desired embedding after one Gauss-Newton step (`c - sum g / sum h` over its recent
     interactions), scored exactly on those interactions. Memory O(seen x (k + D)) beside the
-    batches; multi-process: rows merged by entity over ranks, then each entity's candidate
-    losses reduced to its owner rank. Returns `(seen, best, gain, counts, mean_loss)`, same on
-    every rank (`mean_loss`: the recent loss per interaction at the current assignment)."""
+    batches; multi-process: each rank reduces its rows by entity, the reduced rows are merged
+    over ranks, then each entity's candidate losses are reduced to its owner rank. Returns
+    `(seen, best, gain, counts, mean_loss)`, same on every rank (`mean_loss`: the recent loss
+    per interaction at the current assignment).
+
+    Models linear in the entity's embedding (`model.linear_form`, e.g. MF) take the gradient in
+    closed form (`dl * x`, no autograd) and keep each sample's `(x, const)` from the first pass
+    for scoring (float32, at most `cache_bytes`; batches past it are looked up again), so the
+    second pass runs no embedding lookup."""
     from cel_torchrec.distributed.collectives import all_gather_rows
     feature = TABLE_FEATURE[table]
     state = emb.cluster_states[table]
@@ -281,25 +296,59 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
     m, d = rows.shape
     batches = list(recent)
     offsets_of = getattr(emb, "entity_offsets", None)
-    # pass 1: per-entity gradient, curvature and count (entities in ascending id order)
-    ids_l, g_l, h_l = [], [], []
-    for item in batches:
+    linear = getattr(model, "linear_form", None)
+    # the first `n_cache` batch positions keep their (x, const, label): the same positions on
+    # every rank, so that all ranks skip the same lookups of the second pass (sharded lookups
+    # are collectives; a padding batch at a cached position is skipped)
+    n_cache = 0
+    if linear is not None and batches:
+        largest = torch.tensor([max(int(item[2].numel()) for item in batches)])
+        if env.distributed:
+            all_reduce_(largest, env, op="max")
+        n_cache = cache_bytes // max(int(largest[0]) * (d + 2) * 4, 1)
+    ids_l, gh_l, cache = [], [], []
+    for j, item in enumerate(batches):
         kjt, dense, label = item[:3]
         embs = _pooled(emb, kjt, feature)
         if not _valid(item):
+            cache.append(None)
             continue
         ids = kjt[feature].values().long()
-        g, h = _gauss_newton(model, embs, dense, label, feature, loss)
-        ids_l.append(ids), g_l.append(g.double()), h_l.append(h.double())
+        if linear is not None:
+            x, const = linear(embs, dense, feature)
+            pred = model(embs, dense)
+            if loss == "mse":
+                dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+            else:
+                p = torch.sigmoid(pred)
+                dl, w = p - label, p * (1 - p)
+            g = torch.zeros(ids.numel(), d, dtype=x.dtype)
+            g[:, :x.shape[1]] = dl[:, None] * x
+            h = w * (x * x).sum(1) / d
+            offsets = offsets_of(table, ids) if offsets_of is not None else None
+            if offsets is not None:
+                const = const + (x * offsets[:, :x.shape[1]]).sum(1)
+            cache.append((x.float(), const.float(), label.float()) if j < n_cache else None)
+        else:
+            g, h = _gauss_newton(model, embs, dense, label, feature, loss)
+            cache.append(None)
+        ids_l.append(ids)
+        gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
     ids = torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.long)
-    packed = torch.cat([ids.double()[:, None], torch.ones(ids.numel(), 1, dtype=torch.float64),
-                        torch.cat(h_l)[:, None] if h_l else torch.zeros(0, 1, dtype=torch.float64),
-                        torch.cat(g_l) if g_l else torch.zeros(0, d, dtype=torch.float64)], dim=1)
-    if env.distributed:
-        packed = all_gather_rows(packed, None)
-    seen, inverse = torch.unique(packed[:, 0].long(), return_inverse=True)
-    stats = torch.zeros(seen.numel(), packed.shape[1] - 1, dtype=torch.float64)
-    stats.index_add_(0, inverse, packed[:, 1:])
+    seen, inverse = torch.unique(ids, return_inverse=True)
+    stats = torch.zeros(seen.numel(), d + 2, dtype=torch.float64)    # count, h, g per entity
+    at = 0
+    for part in gh_l:
+        stats.index_add_(0, inverse[at:at + part.shape[0]], part.double())
+        at += part.shape[0]
+    del gh_l
+    if env.distributed:          # merge the ranks' per-entity rows
+        packed = all_gather_rows(torch.cat([seen.double()[:, None], stats], dim=1), None)
+        seen, inverse_global = torch.unique(packed[:, 0].long(), return_inverse=True)
+        stats = torch.zeros(seen.numel(), d + 2, dtype=torch.float64)
+        stats.index_add_(0, inverse_global, packed[:, 1:])
+        del packed
+        inverse = None
     counts, h_sum, g_sum = stats[:, 0], stats[:, 1], stats[:, 2:]
     current = state.assignment[seen].long()
     desired = rows[current].double() - g_sum / h_sum.clamp_min(1e-12)[:, None]
@@ -312,23 +361,37 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
         dist2 = torch.cdist(desired[sl], rows64)
         cands[sl, 1:] = dist2.topk(kk, dim=1, largest=False).indices
     cands[:, 0] = current                               # column 0: the current cluster
+    del stats, desired
     # pass 2: exact losses of each recent interaction under its entity's candidates
     losses = torch.zeros(seen.numel(), kk + 1, dtype=torch.float64)
-    for item in batches:
+    chunk = max(1, max_rows // (kk + 1))
+    at = 0
+    for j, (item, kept) in enumerate(zip(batches, cache)):
         kjt, dense, label = item[:3]
-        embs = _pooled(emb, kjt, feature)
-        if not _valid(item):
+        if kept is None and j < n_cache:        # a padding batch at a cached position
             continue
+        if kept is None:
+            embs = _pooled(emb, kjt, feature)      # (a padding batch still runs its lookup)
+            if not _valid(item):
+                continue
         ids = kjt[feature].values().long()
-        slot = torch.searchsorted(seen, ids)
-        offsets = offsets_of(table, ids) if offsets_of is not None else None
-        chunk = max(1, max_rows // (kk + 1))
+        slot = (inverse[at:at + ids.numel()] if inverse is not None
+                else torch.searchsorted(seen, ids))
+        at += ids.numel()
+        if kept is None:
+            offsets = offsets_of(table, ids) if offsets_of is not None else None
         for start in range(0, label.numel(), chunk):
             sl = slice(start, start + chunk)
-            lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
-                                  None if dense is None else dense[sl], label[sl], feature, loss,
-                                  rows[cands[slot[sl]]], None if offsets is None else offsets[sl])
+            cand_rows = rows[cands[slot[sl]]]
+            if kept is not None:
+                x, const, lab = kept
+                lc = _linear_losses(x[sl], const[sl], lab[sl], cand_rows, loss)
+            else:
+                lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
+                                      None if dense is None else dense[sl], label[sl], feature,
+                                      loss, cand_rows, None if offsets is None else offsets[sl])
             losses.index_add_(0, slot[sl], lc.double())
+    del cache
     if env.distributed:          # each entity's losses summed at its owner, then shared
         owner = torch.bucketize(seen, torch.tensor(_owner_bounds(state.num_entities, env.world_size)[1:-1]),
                                 right=True)
@@ -383,7 +446,7 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
                      keep_prob: float, generator: torch.Generator,
                      optimizer: torch.optim.Optimizer | None, mode: str = "exact",
                      recent: Iterable | None = None, lite_k: int = 8,
-                     memory_bytes: int = 256 << 20,
+                     memory_bytes: int = 256 << 20, lite_cache_bytes: int = 128 << 20,
                      min_gain: float = 0.0) -> tuple[ReassignPlan, PhaseReport]:
     """Reassignment of `table`'s entities, `exact` (every entity with data, every cluster, over
     `batches`: an iterable, or a callable returning a fresh one per cluster block) or `lite`
@@ -415,7 +478,8 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
                 pooled_below=min_count if policy == "pooled" else None)
         else:
             seen, best, gain, counts, mean_loss = lite_proposal(emb, model, recent if recent is not None else batches,
-                                                     table, loss, env, k=lite_k)
+                                                     table, loss, env, k=lite_k,
+                                                     cache_bytes=lite_cache_bytes)
             pooled = None
     finally:
         emb.train(was_training)

@@ -22,6 +22,14 @@ class Dot(torch.nn.Module):
         return (embs["user_id"] * embs["item_id"]).sum(1)
 
 
+class LinearDot(Dot):
+    """The same model with `linear_form`: CEL-Lite's closed-form gradient and first-pass cache."""
+
+    def linear_form(self, embs, dense, feature):
+        other = embs["user_id" if feature == "item_id" else "item_id"]
+        return other, torch.zeros(other.shape[0])
+
+
 def _batches(n):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     out = []
@@ -65,15 +73,29 @@ def _worker(rank, world):
     local = [(kjt(u[mine], i[mine]), None, y[mine], True) for u, i, y in data]
     full = [(kjt(u, i), None, y) for u, i, y in data]
     results = {}
-    for mode, kw in (("exact", {"memory_bytes": 8 * ITEMS * 2}), ("lite", {"lite_k": 2})):
+    # Lite with the linear path: rank 0 has one batch more (at position 0: rank 1 pads it) and
+    # the first-pass cache holds two positions, so the second pass mixes cached positions, a
+    # padding batch at a cached position and looked-up positions on both ranks
+    extra, _ = _batches(5)
+    extra_b = extra[4]
+    lin_local = ([(kjt(extra_b[0][mine], extra_b[1][mine]), None, extra_b[2][mine], True)] if rank == 0
+                 else [(kjt(extra_b[0][:0], extra_b[1][:0]), None, extra_b[2][:0], False)]) + local
+    lin_full = [(kjt(extra_b[0][:half], extra_b[1][:half]), None, extra_b[2][:half])] + full
+    cache = 2 * half * (DIM + 2) * 4
+    for mode, kw, model, loc, glob in (
+            ("exact", {"memory_bytes": 8 * ITEMS * 2}, Dot(), local, full),
+            ("lite", {"lite_k": 2}, Dot(), local, full),
+            ("lite_linear", {"lite_k": 2, "lite_cache_bytes": cache}, LinearDot(), lin_local, lin_full)):
+        full_b, local_b = glob, loc
         o, s = copy.deepcopy(oracle), sharded
         before = s.cluster_states["item"].assignment.clone()
-        run_reassignment(o, Dot(), lambda: iter(full), "item", loss="mse", env=solo,
+        kind = mode.split("_")[0]
+        run_reassignment(o, model, lambda: iter(full_b), "item", loss="mse", env=solo,
                          keep_prob=0.31, generator=torch.Generator().manual_seed(3), optimizer=None,
-                         mode=mode, recent=full, **kw)
-        run_reassignment(s, Dot(), lambda: iter(local), "item", loss="mse", env=env,
+                         mode=kind, recent=full_b, **kw)
+        run_reassignment(s, model, lambda: iter(local_b), "item", loss="mse", env=env,
                          keep_prob=0.31, generator=torch.Generator().manual_seed(3), optimizer=None,
-                         mode=mode, recent=local, **kw)
+                         mode=kind, recent=local_b, **kw)
         got = s.cluster_states["item"].assignment
         assert C.replicas_equal(got), mode
         assert torch.equal(got, o.cluster_states["item"].assignment), mode
@@ -85,4 +107,4 @@ def _worker(rank, world):
 def test_sharded_exact_and_lite_reassignment_match_the_oracle_on_every_rank():
     results = run_ranks(_worker)
     assert results[0] == results[1]
-    assert results[0]["exact"] > 0 and results[0]["lite"] > 0      # something moved
+    assert results[0]["exact"] > 0 and results[0]["lite"] > 0 and results[0]["lite_linear"] > 0

@@ -51,6 +51,23 @@ def test_lite_equals_exact_when_candidates_cover_every_cluster(model_name):
         assert torch.equal(lite2.new_assignment, exact.new_assignment)
 
 
+def test_lite_scores_the_same_from_its_first_pass_cache_as_from_fresh_lookups():
+    """MF keeps each sample's `(x, const)` from the first pass; with no cache (`cache_bytes=0`)
+    or a cache for only the first batch, the second pass looks the batches up again: same
+    proposal, to float32 rounding."""
+    emb, model, data = setup("mf", seed=10, items=40, clusters=5)
+    recent = list(_batches(data, size=16))
+    assert len(recent) >= 3
+    emb.eval()
+    full = lite_proposal(emb, model, recent, "item", "mse", ENV, k=3)
+    width = 16 * (emb.cluster_rows("item").shape[1] + 2) * 4
+    for budget in (0, width):
+        other = lite_proposal(emb, model, recent, "item", "mse", ENV, k=3, cache_bytes=budget)
+        for a, b in zip(full[:4], other[:4]):
+            assert torch.allclose(a.double(), b.double(), atol=1e-5), budget
+        assert torch.equal(full[1], other[1])
+
+
 def test_lite_only_moves_recently_seen_entities_to_one_of_their_candidates():
     emb, model, data = setup("mf", seed=9, items=40, clusters=5)
     u, i, y = data
