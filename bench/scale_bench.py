@@ -13,7 +13,10 @@ budget = planted (for the adjusted Rand index), and the budget runs again with r
 by significance (`cel.reassign_min_gain=3`, entities under 3 interactions pooled). Records samples/s, seconds per epoch with and
 without phases, each phase's seconds and share, peak RSS, embedding bytes (serving) and embedding state bytes (training: tables, optimizer
 state, maps, counters, split windows, the Lite buffer, at their peak), val RMSE (all / cold), purity and ARI
-on warm entities. Prints a table and writes bench/results/scale.json.
+on warm entities. Per size, a `planted_map` row: the purity and ARI of each warm entity's
+maximum-likelihood planted cluster given the planted rows (`trainer.planted.planted_map_reference`),
+what a per-entity loss decision reaches when the rows are exactly right, so learned purity is read
+against what ~10 interactions per entity can identify. Prints a table and writes bench/results/scale.json.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import tempfile
 import time
 
 from bench.common import print_table, write_results
+from data_pipeline.synthetic import ensure_synthetic
+from trainer.planted import planted_map_reference
 
 COLUMNS = ["entities", "processes", "method", "reassign_mode", "item_clusters", "samples_per_s",
            "epoch_s", "epoch_s_without_phases", "split_s", "reassign_s", "phase_share",
@@ -160,6 +165,21 @@ def main(argv=None) -> None:
                 plans += [(*pl[:4], procs) for pl in plans
                           if pl[4] == 1 and (pl[0] == "full" or (pl[0] == "cel" and pl[1] == "lite"
                                                                  and pl[2] == budget))]
+            # what the data itself allows: each warm entity's maximum-likelihood planted cluster
+            # given the planted rows (block means); learned clusters' purity is read against it
+            data_dir = ensure_synthetic(args.cache, users=size, items=size, interactions=10 * size,
+                                        clusters=args.planted, seed=0, label="rating")
+            ref = planted_map_reference(data_dir)
+            records.append({"dataset": f"planted_synthetic_{size}", "entities": size,
+                            "method": "planted_map", "processes": None,
+                            "item_clusters": args.planted, "user_clusters": args.planted,
+                            "purity_items": ref["map_purity_items"],
+                            "purity_users": ref["map_purity_users"],
+                            "ari_items": ref["map_ari_items"], "ari_users": ref["map_ari_users"],
+                            "map_accuracy_items": ref["map_accuracy_items"],
+                            "map_accuracy_users": ref["map_accuracy_users"]})
+            print(f"[scale] {size}: planted-row MAP purity users {ref['map_purity_users']:.3f} "
+                  f"items {ref['map_purity_items']:.3f}", flush=True)
             for method, mode, clusters, extra, procs in plans:
                 name = f"{size}_{method}_{mode}_{clusters}_p{procs}"
                 print(f"[scale] {name} ...", flush=True)

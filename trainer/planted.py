@@ -70,3 +70,69 @@ def planted_metrics(cel, planted: dict[str, np.ndarray] | None, train_counts: di
         {key[t]: cel.cluster_states[t].assignment.cpu().numpy() for t in tables},
         {key[t]: planted[t] for t in tables},
         {key[t]: np.asarray(train_counts[t]) for t in tables}, min_interactions=min_interactions)
+
+
+def _train_chunks(data_dir: str | os.PathLike, rows: int = 1 << 20):
+    """(user, item, label) numpy chunks of the training split, at most `rows` each."""
+    from data_pipeline import schema
+    from data_pipeline.dataset import split_dir, split_files
+    from data_pipeline.local import open_parquet
+    for path in split_files(split_dir(data_dir, "train")):
+        for batch in open_parquet(path).iter_batches(batch_size=rows,
+                                                     columns=[schema.USER, schema.ITEM, schema.LABEL]):
+            yield (batch.column(0).to_numpy().astype(np.int64),
+                   batch.column(1).to_numpy().astype(np.int64),
+                   batch.column(2).to_numpy().astype(np.float64))
+
+
+def planted_map_reference(data_dir: str | os.PathLike, min_interactions: int = 5,
+                          entity_chunk: int = 1 << 16) -> dict[str, float]:
+    """How well the training data identifies the planted clusters, whatever the learner: each
+    entity's maximum-likelihood planted cluster under Gaussian noise, given the other side's
+    planted clusters and the planted cluster rows (the block means `B[a, b]`, the mean label of
+    (user cluster a, item cluster b) training pairs, i.e. every rating model's best prediction
+    from the planted structure alone) is `argmin_k sum_j (y_j - B[k, planted(other_j)])^2`.
+    Returns `map_accuracy_<users|items>` (the share of warm entities, >= `min_interactions`
+    training interactions, whose argmin is their planted cluster), and the purity and adjusted
+    Rand index of that assignment (`map_purity_*`, `map_ari_*`): what a per-entity loss
+    decision reaches when the cluster rows are exactly right, the reference learned clusters'
+    purity is read against. Two streaming passes over the training split; memory
+    O(entities x planted clusters) (float32 sufficient statistics)."""
+    from trainer.metrics import adjusted_rand_index, cluster_purity
+    planted = load_planted_labels(data_dir)
+    if planted is None or any(planted[t] is None for t in ENTITY_OF_TABLE):
+        raise ValueError(f"{data_dir}: planted clusters of users and items are needed")
+    pu, pi = planted["user"], planted["item"]
+    ku, ki = int(pu.max()) + 1, int(pi.max()) + 1
+    s = np.zeros((ku, ki)); n = np.zeros((ku, ki))
+    total, count = 0.0, 0
+    for u, i, y in _train_chunks(data_dir):
+        np.add.at(s, (pu[u], pi[i]), y)
+        np.add.at(n, (pu[u], pi[i]), 1.0)
+        total, count = total + float(y.sum()), count + y.size
+    mean = total / max(count, 1)
+    block = np.where(n > 0, s / np.maximum(n, 1.0), mean)           # [ku, ki]
+    # per entity and other-side planted cluster: label sum and count (float32, O(N x K))
+    stats = {t: (np.zeros((len(planted[t]), k_other), np.float32),
+                 np.zeros((len(planted[t]), k_other), np.float32))
+             for t, k_other in (("user", ki), ("item", ku))}
+    for u, i, y in _train_chunks(data_dir):
+        for t, ent, other in (("user", u, pi[i]), ("item", i, pu[u])):
+            k_other = stats[t][0].shape[1]
+            flat = ent * k_other + other
+            np.add.at(stats[t][0].reshape(-1), flat, y.astype(np.float32))
+            np.add.at(stats[t][1].reshape(-1), flat, 1.0)
+    out: dict[str, float] = {}
+    for t, rows in (("user", block), ("item", block.T)):
+        sums, counts = stats[t]
+        best = np.empty(len(planted[t]), np.int64)
+        for start in range(0, best.size, entity_chunk):     # L(k) up to sum y^2, per chunk
+            sl = slice(start, start + entity_chunk)
+            loss = counts[sl].astype(np.float64) @ (rows.T ** 2) - 2.0 * sums[sl].astype(np.float64) @ rows.T
+            best[sl] = loss.argmin(axis=1)
+        warm = counts.sum(axis=1) >= min_interactions
+        key, truth = ENTITY_OF_TABLE[t], planted[t]
+        out[f"map_accuracy_{key}"] = float(np.mean(best[warm] == truth[warm])) if warm.any() else float("nan")
+        out[f"map_purity_{key}"] = cluster_purity(best[warm], truth[warm])
+        out[f"map_ari_{key}"] = adjusted_rand_index(best[warm], truth[warm])
+    return out
