@@ -36,7 +36,7 @@ from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                                 ClusterStates, RemappedFeature,
                                                 _splits_per_event, attach_cluster_grad_hook,
-                                                check_one_id_per_sample, make_split_windows,
+                                                make_split_windows,
                                                 plan_split, reset_window_sums)
 
 BATCH_SCOPES = ("global", "local")
@@ -86,7 +86,7 @@ class ShardedClusteredEmbeddingBagCollection(
         self._windows = make_split_windows(self._tables, self._clustering, device)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
-        self._last_cluster_ids: dict[str, torch.Tensor] = {}
+        self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
         # interactions counted on this rank since the last sync (the replicated buffer
         # `entity_interactions` only ever holds globally summed counts)
         self._pending_interactions = {
@@ -146,11 +146,11 @@ class ShardedClusteredEmbeddingBagCollection(
                 global_counts = _GlobalDistinctMembers(batch_features, self._remapper.states,
                                                        self._pg)
         ctx.cel_global_counts = global_counts
+        self._last_cluster_ids = {}
         for key, table, entity_ids, cluster_ids in slices:
-            check_one_id_per_sample(key, entity_ids, batch)
             pending = self._pending_interactions[table]
             pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int32))
-            self._last_cluster_ids[table] = cluster_ids
+            self._last_cluster_ids.setdefault(table, []).append(cluster_ids)
             if global_counts is not None and key in global_counts.keys:
                 # counted in backward, from the all-gather run after the input dist
                 scale = functools.partial(global_counts.grad_scale, key, cluster_ids)
@@ -203,10 +203,11 @@ class ShardedClusteredEmbeddingBagCollection(
     def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
         """Add this rank's last batch losses to its per-cluster loss sums (summed over ranks
         when the next split window opens)."""
-        for table, cluster_ids in self._last_cluster_ids.items():
+        for table, per_feature in self._last_cluster_ids.items():
             acc = self._cluster_loss_sum.get(table)
-            if acc is not None:
-                acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+            if acc is not None:     # a table shared by several features: each feature's ids
+                for cluster_ids in per_feature:
+                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
 
     def sync_statistics(self, tables: list[str] | None = None) -> None:
         """Collective: add every rank's interactions counted since the last sync into the

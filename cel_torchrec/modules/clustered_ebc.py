@@ -138,13 +138,19 @@ class ClusterRemapper(nn.Module):
         offsets = features.offset_per_key()
         new_values = values.clone()
         remapped = []
+        weighted = features.weights_or_none() is not None
         for i, key in enumerate(features.keys()):      # loop over features, not entities
             table = self.feature_to_table.get(key)
             if table is None:
                 continue
+            if weighted:
+                raise ValueError(f"clustered feature {key!r}: KJT weights are not supported "
+                                 f"(per-cluster averaging and split gradients assume unweighted "
+                                 f"one-id bags); drop the weights or leave the table unclustered")
             start, end = offsets[i], offsets[i + 1]
             ids = values[start:end]
             state = self.states[table]
+            check_one_id_per_sample(key, ids, _key_lengths(features, i))
             if ids.numel():
                 low, high = (int(v) for v in torch.aminmax(ids))
                 if low < 0 or high >= state.num_entities:
@@ -210,7 +216,7 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         self._windows = make_split_windows(tables, clustering, device)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
-        self._last_cluster_ids: dict[str, torch.Tensor] = {}
+        self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
         for name, state in self._remapper.states.as_dict().items():
             reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, name,
                               clustering[name], state.capacity, widths[name], device)
@@ -272,11 +278,11 @@ class ClusteredEmbeddingBagCollection(nn.Module):
     def _attach_cluster_hooks(self, batch: int, slices: list[RemappedFeature],
                               kt: KeyedTensor) -> KeyedTensor:
         plans = []
+        self._last_cluster_ids = {}
         for key, table, entity_ids, cluster_ids in slices:
-            check_one_id_per_sample(key, entity_ids, batch)
             state = self._remapper.states[table]
             state.count_interactions(entity_ids)
-            self._last_cluster_ids[table] = cluster_ids
+            self._last_cluster_ids.setdefault(table, []).append(cluster_ids)
             scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(),
                                        self._clustering[table].grad_average)
             plans.append((key, table, entity_ids, cluster_ids, scale))
@@ -286,10 +292,11 @@ class ClusteredEmbeddingBagCollection(nn.Module):
     def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
         """Add the last training batch's per-sample losses to per-cluster loss sums (used by the
         `loss` / `mean_loss` split criteria)."""
-        for table, cluster_ids in self._last_cluster_ids.items():
+        for table, per_feature in self._last_cluster_ids.items():
             acc = self._cluster_loss_sum.get(table)
-            if acc is not None:
-                acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+            if acc is not None:     # a table shared by several features: each feature's ids
+                for cluster_ids in per_feature:
+                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
 
     def begin_split_window(self, table: str) -> torch.Tensor:
         """Choose this table's split candidates now (by its criterion, from the statistics of the
@@ -451,11 +458,22 @@ def reset_window_sums(grad_sums: dict, loss_sums: dict, table: str, cfg: Cluster
         loss_sums[table] = torch.zeros(capacity, device=device)
 
 
-def check_one_id_per_sample(key: str, entity_ids: torch.Tensor, batch: int) -> None:
-    """Clustered features carry exactly one entity id per sample (see the class docstring)."""
-    if entity_ids.numel() != batch:
-        raise ValueError(f"clustered feature {key!r} needs exactly one id per sample "
-                         f"({entity_ids.numel()} ids for {batch} samples)")
+def _key_lengths(features: KeyedJaggedTensor, index: int) -> torch.Tensor:
+    """The per-sample bag lengths of the `index`-th key of `features`."""
+    stride = features.stride()
+    return features.lengths()[index * stride:(index + 1) * stride]
+
+
+def check_one_id_per_sample(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Clustered features carry exactly one entity id per sample (see the class docstring):
+    every bag of length 1, not merely as many ids as samples (bags `[2, 1, 0]` hold 3 ids for 3
+    samples, and would pair per-sample gradients with the wrong entities)."""
+    if lengths.numel() and not bool((lengths == 1).all()):
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        raise ValueError(f"clustered feature {key!r} needs exactly one id per sample (bag "
+                         f"lengths from {low} to {high}, {entity_ids.numel()} ids for "
+                         f"{lengths.numel()} samples); multi-hot bags of clustered tables are "
+                         f"not supported yet")
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:

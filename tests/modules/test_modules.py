@@ -107,6 +107,56 @@ def test_bad_ids_and_multi_id_bags_are_rejected():
         m(bag)
 
 
+def test_uneven_bags_and_weights_of_clustered_features_are_refused():
+    """Bags `[2, 1, 0]` hold as many ids as samples: a count check alone would pass them and
+    pair per-sample gradients with the wrong entities. KJT weights are refused, not ignored."""
+    m = make_cebc()
+    m.train()
+    uneven = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id"], values=torch.tensor([0, 1, 2, 3, 4, 5]),
+        lengths=torch.tensor([1, 1, 1, 2, 1, 0]))
+    with pytest.raises(ValueError, match=r"item_id.*one id per sample.*from 0 to 2"):
+        m(uneven)
+    m.eval()
+    with pytest.raises(ValueError, match="one id per sample"):      # eval too: same wrong lookups
+        m(uneven)
+    weighted = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id"], values=torch.tensor([0, 1, 2, 3]),
+        lengths=torch.ones(4, dtype=torch.long), weights=torch.tensor([1.0, 1.0, 0.5, 2.0]))
+    with pytest.raises(ValueError, match="item_id.*weights are not supported"):
+        m(weighted)
+    # unclustered features may still carry weights: a collection with no clustered table
+    plain = ClusteredEmbeddingBagCollection(tables(), {})
+    assert plain(weighted).to_dict()["item_id"].shape == (2, D)
+
+
+def test_a_table_shared_by_two_features_counts_both_in_the_loss_statistics():
+    """The loss criterion sees the clusters of every feature of a shared table, not the last's."""
+    torch.manual_seed(0)
+    shared = [EmbeddingBagConfig(name="user", embedding_dim=D, num_embeddings=7, feature_names=["user_id"]),
+              EmbeddingBagConfig(name="item", embedding_dim=D, num_embeddings=9,
+                                 feature_names=["item_id", "other_item_id"])]
+    m = ClusteredEmbeddingBagCollection(shared, {"item": ClusteringConfig(max_clusters=5, split_criterion="loss")})
+    state = m.cluster_states["item"]
+    state.assignment.copy_(torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1], dtype=torch.int32))
+    state.num_active = 3
+    m.train()
+    m.begin_split_window("item")
+    keys = ["user_id", "item_id", "other_item_id"]
+    # item_id always in cluster 1; other_item_id in cluster 2, then in cluster 0: with both
+    # features counted, cluster 1 carries both batches' losses and is chosen; counting only the
+    # last feature would pick 2 or 0
+    for items, others in (([2, 3], [5, 6]), ([4, 8], [0, 1])):
+        batch = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=torch.tensor([0, 1, *items, *others]),
+            lengths=torch.ones(6, dtype=torch.long))
+        out = m(batch).to_dict()
+        losses = ((out["item_id"] + out["other_item_id"]) * out["user_id"]).sum(1) ** 2 + 1.0
+        losses.sum().backward()
+        m.observe_losses(losses.detach())
+    assert m.begin_split_window("item").tolist() == [1]
+
+
 def test_embedding_bytes():
     m = make_cebc()
     assert m.embedding_bytes() == (7 * D + 5 * D) * 4 + 9 * 4
