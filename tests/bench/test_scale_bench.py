@@ -13,7 +13,12 @@ def test_scale_bench_runs_and_records_each_method(tmp_path, monkeypatch):
                       "--methods", "oracle,cel", "--exact-max-cells", "0", "--procs", "1", "2",
                       "--cache", str(tmp_path / "cache"), "--name", "scale_test"])
     data = json.loads((tmp_path / "results" / "scale_test.json").read_text())
-    recs = data["records"]
+    reference, *recs = data["records"]
+    # what the data identifies: the planted-row MAP assignment's purity and ARI, beside the runs
+    assert reference["method"] == "planted_map" and reference["item_clusters"] == 4
+    for key in ("purity_items", "purity_users", "ari_items", "ari_users"):
+        assert 0 < reference[key] <= 1
+    assert reference["map_accuracy_users"] <= reference["purity_users"]
     assert [(r["method"], r["reassign_mode"], r["item_clusters"], r["processes"]) for r in recs] == [
         ("oracle", None, 4, 1), ("cel", "lite", 16, 1), ("cel", "lite", 4, 1),
         ("cel", "lite", 16, 2)]
