@@ -104,7 +104,8 @@ def main(argv=None):
         print(f"{name:28s} {t * 1e6:10.1f} us   {t / base:7.2f}x full lookup", flush=True)
     payload = {"benchmark": "gpu_ops", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "args": vars(args), "records": records}
+               "args": {k: v for k, v in vars(args).items() if k != "out"},   # not where it was written
+               "records": records}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")

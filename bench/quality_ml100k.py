@@ -2,7 +2,7 @@
 with users clustered too, the full-embedding model, hashing and quotient-remainder at the item-side
 bytes of CEL-50, for MF and NeuMF.
 
-    python -m bench.quality_ml100k [--data data/ml100k] [--src /work/shared/datasets/ml-100k]
+    python -m bench.quality_ml100k [--data data/ml100k] [--src ../shared/datasets/ml-100k]
                                    [--quick] [--tune] [--fused] [--lite]
                                    [--models mf,neumf]
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality_ml100k", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/ml100k")
-    parser.add_argument("--src", default="/work/shared/datasets/ml-100k")
+    parser.add_argument("--src", default="../shared/datasets/ml-100k")
     parser.add_argument("--quick", action="store_true", help="CEL-50 and baselines, 3 epochs, "
                         "no results file (a smoke test)")
     parser.add_argument("--tune", action="store_true", help="run the tuning grid instead")
