@@ -192,13 +192,26 @@ class DistConfig:
 
 @dataclass
 class RayConfig:
-    """Ray Train resources (fractional CPUs keep Ray Data from starving on small machines)."""
+    """Ray Train resources (fractional CPUs keep Ray Data from starving on small machines) and
+    what the Ray driver (`jobs.ray_train`) reads; the workers ignore these keys."""
 
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
     max_failures: int = 0
+    # a running cluster's address (None: $RAY_ADDRESS, else a local Ray started by the driver)
     address: str | None = None
+    # CPUs of the local Ray the driver starts (None: Ray counts the machine's)
+    num_cpus: float | None = None
+    # where Ray Train keeps results and checkpoints (None: run.dir/run.name); may be a URI
+    storage_path: str | None = None
+    checkpoints_to_keep: int = 2
+    # splits streamed through Ray Data (the others are read locally by the workers)
+    datasets: list[str] = field(default_factory=lambda: ["train"])
+    # batches each worker's Ray Data shuffle buffer holds
+    shuffle_buffer_batches: int = 4
+    # Ray Data's own progress bars on the driver (off: one line per epoch instead)
+    data_progress_bars: bool = False
 
 
 @dataclass

@@ -162,3 +162,29 @@ def test_config_dict_is_plain_data():
     d = config_to_dict(TrainConfig())
     yaml.safe_dump(d)                             # only plain types inside
     assert set(d) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_every_key_the_ray_driver_reads_is_declared():
+    """`python -m jobs.ray_train ... ray.num_cpus=2` failed with `unknown key 'ray.num_cpus'`:
+    the driver read keys the typed config did not declare. Each now loads, typed, and the
+    driver's fallbacks equal the declared defaults."""
+    import re
+
+    import jobs.ray_train as ray_train
+    cfg = load_config(None, ["ray.num_cpus=2", "ray.storage_path=/tmp/ray_results",
+                             "ray.checkpoints_to_keep=3", "ray.datasets=[train, val]",
+                             "ray.shuffle_buffer_batches=8", "ray.data_progress_bars=true"])
+    assert (cfg.ray.num_cpus, cfg.ray.storage_path, cfg.ray.checkpoints_to_keep) == (2.0, "/tmp/ray_results", 3)
+    assert cfg.ray.datasets == ["train", "val"] and cfg.ray.shuffle_buffer_batches == 8
+    assert cfg.ray.data_progress_bars is True
+    defaults = config_to_dict(TrainConfig())
+    source = pathlib.Path(ray_train.__file__).read_text()
+    read = re.findall(r'get\(config, "(ray\.[a-z_]+)"(?:, ([^)]+))?\)', source)
+    assert {key for key, _ in read} >= {"ray.num_cpus", "ray.storage_path", "ray.datasets",
+                                         "ray.checkpoints_to_keep", "ray.data_progress_bars"}
+    for key, fallback in read:
+        declared = defaults["ray"][key.split(".")[1]]             # KeyError: undeclared
+        if fallback:
+            assert yaml.safe_load(fallback) == declared, key
+    with pytest.raises(ConfigError, match="ray.num_cpu"):
+        load_config(None, ["ray.num_cpu=2"])
