@@ -26,8 +26,8 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model, embedding_dim_for
-from trainer.phases import (TABLE_FEATURE, RecentInteractions, per_sample_loss, reassign_mode_for,
-                            run_reassignment, run_split)
+from cel_torchrec.phases import (RecentInteractions, per_sample_loss, resolve_reassign_mode,
+                                 run_reassignment, run_split)
 from trainer.planted import planted_metrics, setup_planted
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
@@ -215,7 +215,7 @@ class TrainRecipe:
         # the reassignment pass reads this rank's training share in large, unshuffled batches
         self.reassign_source = local_source(self.data_dir / "train", cfg.data.eval_batch_size,
                                             env, shuffle=False, seed=cfg.train.seed)
-        self.reassign_mode = reassign_mode_for(cfg, self.cel)
+        self.reassign_mode = resolve_reassign_mode(cfg.cel.reassign_mode, self.cel)
         self.recent = (RecentInteractions(cfg.cel.lite_buffer_samples)
                        if self.reassign_mode == "lite" else None)
         self.jsonl_phases = self.run_dir / "phases.jsonl"

@@ -193,6 +193,14 @@ class ShardedClusteredEmbeddingBagCollection(
     def clustered_tables(self) -> list[str]:
         return list(self._remapper.states)
 
+    def table_features(self, table: str) -> list[str]:
+        """The features (KJT keys) that look up clustered table `table`."""
+        return self._remapper.features_of(table)
+
+    def clustering_config(self, table: str) -> ClusteringConfig:
+        """How clustered table `table` is clustered."""
+        return self._clustering[table]
+
     @property
     def process_group(self) -> dist.ProcessGroup | None:
         return self._pg

@@ -127,6 +127,12 @@ class ClusterRemapper(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return self.remap(features)[0]
 
+    def features_of(self, table: str) -> list[str]:
+        """The features that look up clustered table `table`, in table-config order."""
+        if table not in self.states:
+            raise KeyError(f"{table!r} is not a clustered table; clustered: {list(self.states)}")
+        return [f for f, t in self.feature_to_table.items() if t == table]
+
     def remap(self, features: KeyedJaggedTensor
               ) -> tuple[KeyedJaggedTensor, list[RemappedFeature]]:
         """The KJT with every clustered feature's entity ids replaced by cluster ids, and per
@@ -229,6 +235,14 @@ class ClusteredEmbeddingBagCollection(nn.Module):
     @property
     def clustered_tables(self) -> list[str]:
         return list(self._remapper.states)
+
+    def table_features(self, table: str) -> list[str]:
+        """The features (KJT keys) that look up clustered table `table`."""
+        return self._remapper.features_of(table)
+
+    def clustering_config(self, table: str) -> ClusteringConfig:
+        """How clustered table `table` is clustered."""
+        return self._clustering[table]
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return list(self._tables)

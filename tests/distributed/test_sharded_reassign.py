@@ -52,7 +52,7 @@ def _worker(rank, world):
     from cel_torchrec.distributed import collectives as C
     from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
     from trainer.dist import DistEnv
-    from trainer.phases import run_reassignment
+    from cel_torchrec.phases import run_reassignment
 
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name="user", embedding_dim=DIM, num_embeddings=USERS, feature_names=["user_id"]),

@@ -10,7 +10,7 @@ from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConf
 from trainer.config import ModelConfig
 from trainer.dist import DistEnv
 from trainer.models import build_model, embedding_dim_for
-from trainer.phases import reassign_losses, run_reassignment
+from cel_torchrec.phases import reassign_losses, run_reassignment
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 

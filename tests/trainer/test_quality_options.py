@@ -11,7 +11,7 @@ from trainer.config import TrainConfig, apply_overrides
 from trainer.dist import DistEnv
 from trainer.loop import build_embedding_collection
 from trainer.models import MatrixFactorization, NeuMF
-from trainer.phases import reassign_losses
+from cel_torchrec.phases import reassign_losses
 
 D = 4   # MF with d = 3: columns 0..2 latent, column 3 bias
 
@@ -137,7 +137,7 @@ def test_trainer_config_wires_the_options():
 
 
 def test_pooled_policy_sends_cold_entities_to_their_best_common_cluster():
-    from trainer.phases import run_reassignment
+    from cel_torchrec.phases import run_reassignment
     torch.manual_seed(0)
     m = ClusteredEmbeddingBagCollection(tables(), {"item": ClusteringConfig(
         max_clusters=4, entity_bias_column=None, unseen_policy="pooled", cold_interactions=2)})

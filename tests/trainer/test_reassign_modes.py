@@ -8,7 +8,7 @@ import torch
 
 from cel_torchrec.algorithm import decide_reassignment
 from tests.trainer.test_phases import ENV, NoLinearForm, _batches, setup
-from trainer.phases import (exact_proposal, lite_proposal, reassign_losses, run_reassignment)
+from cel_torchrec.phases import (exact_proposal, lite_proposal, reassign_losses, run_reassignment)
 
 
 def _plan(emb, model, data, **kw):

@@ -1,8 +1,22 @@
-"""Cluster phases at safe points of training: GPCA splits and exact loss-based reassignment.
+"""Cluster phases as a library API: GPCA splits and loss-based reassignment (exact, or CEL-Lite)
+of any clustered table of a `ClusteredEmbeddingBagCollection` or its sharded twin, for any
+TorchRec training loop. The collection owns the per-table state and the split itself; the
+reassignment passes here need the caller's interaction model and loss:
 
-The embedding collection (unsharded `ClusteredEmbeddingBagCollection` or its sharded twin) owns
-the per-table state and the split itself; this module drives the reassignment pass over the
-training data, which needs the interaction model and the loss."""
+- `batches` yield `(kjt, dense, label)` (the KJT the collection looks up; `dense` any tensor with
+  one row per sample, or None; `label` `[b]`);
+- `model(pooled, dense) -> [b]` predictions from the pooled embeddings (`pooled`: feature name ->
+  `[b, D]`, as `collection(kjt).to_dict()` gives) -- the part of the model above the embedding
+  lookup (for TorchRec's DLRM: its dense, interaction and over arches);
+- `loss`: `mse` or `bce` (logits), per sample.
+
+A clustered table may be looked up by several features: each occurrence of an entity in any of
+them is one of its interactions, scored with the sample's other embeddings as they are. Every
+function takes `env` (anything with `rank`, `world_size` and `distributed`, default: the
+current `torch.distributed` group, or one process): multi-process runs reduce each entity's
+scores to an owner rank and return the same decision on every rank. Models linear in an
+entity's embedding may expose `linear_form(pooled, dense, feature) -> (x, const)` with
+`pred = x . e + const`, which scores candidates with one product and skips autograd."""
 from __future__ import annotations
 
 import time
@@ -12,11 +26,48 @@ from typing import Callable, Iterable
 import torch
 
 from cel_torchrec.algorithm import ReassignPlan, decide_reassignment_from_best
-from trainer.dist import DistEnv, all_reduce_
 
-# feature of each clustered table
-TABLE_FEATURE = {"user": "user_id", "item": "item_id"}
 REASSIGN_MODES = ("exact", "lite")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's rank among `world_size` (what the phases need of a process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+def all_reduce_(tensor: torch.Tensor, env, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce across ranks (no-op on one process)."""
+    if env.distributed:
+        import torch.distributed as dist
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def _env(env):
+    return Ranks.current() if env is None else env
+
+
+def _features(emb, table: str) -> list[str]:
+    """The features that look up `table` (a collection without `table_features`: the table's
+    configs)."""
+    if hasattr(emb, "table_features"):
+        return emb.table_features(table)
+    return [f for t in emb.embedding_bag_configs() if t.name == table for f in t.feature_names]
 
 
 @dataclass
@@ -36,7 +87,7 @@ def per_sample_loss(pred: torch.Tensor, label: torch.Tensor, loss: str) -> torch
     raise ValueError(f"train.loss must be mse|bce, got {loss!r}")
 
 
-def _pooled(emb, kjt, feature: str) -> dict:
+def _pooled(emb, kjt) -> dict:
     return emb(kjt).to_dict()
 
 
@@ -79,14 +130,15 @@ def _valid(item) -> bool:
 
 
 @torch.no_grad()
-def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: DistEnv,
+def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env=None,
                     max_rows: int = 1 << 18, return_counts: bool = False,
                     clusters: tuple[int, int] | None = None):
     """Summed training loss of every entity of `table` under the active cluster rows
     `clusters = (first, last)` (default: all), over all interactions in `batches` (this rank's
     share, all-reduced across ranks). Returns the entity ids that have data and their loss rows
     `[n, last - first]`. Memory `O(entities x block)`: `run_reassignment` streams blocks."""
-    feature = TABLE_FEATURE[table]
+    env = _env(env)
+    features = _features(emb, table)
     state = emb.cluster_states[table]
     rows = emb.cluster_rows(table)
     lo, hi = clusters if clusters is not None else (0, rows.shape[0])
@@ -98,19 +150,21 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env: D
     offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
     for item in batches:
         kjt, dense, label = item[:3]
-        embs = _pooled(emb, kjt, feature)
+        embs = _pooled(emb, kjt)
         if not _valid(item):
             continue
-        entity_ids = kjt[feature].values().long()
-        offsets = offsets_of(table, entity_ids) if offsets_of is not None else None
-        counts.index_add_(0, entity_ids, torch.ones_like(entity_ids, dtype=torch.int32))
-        chunk = max(1, max_rows // m)
-        for start in range(0, label.numel(), chunk):       # chunks of samples, bounded count
-            sl = slice(start, start + chunk)
-            losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
-                                      None if dense is None else dense[sl], label[sl], feature,
-                                      loss, rows, None if offsets is None else offsets[sl])
-            matrix.index_add_(0, entity_ids[sl], losses.to(torch.float64))
+        for feature in features:                          # a loop over features, not entities
+            entity_ids = kjt[feature].values().long()
+            offsets = offsets_of(table, entity_ids) if offsets_of is not None else None
+            counts.index_add_(0, entity_ids, torch.ones_like(entity_ids, dtype=torch.int32))
+            chunk = max(1, max_rows // m)
+            for start in range(0, label.numel(), chunk):   # chunks of samples, bounded count
+                sl = slice(start, start + chunk)
+                losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
+                                          None if dense is None else dense[sl], label[sl],
+                                          feature, loss, rows,
+                                          None if offsets is None else offsets[sl])
+                matrix.index_add_(0, entity_ids[sl], losses.to(torch.float64))
     all_reduce_(counts, env)
     all_reduce_(matrix, env)
     seen = (counts > 0).nonzero().flatten()
@@ -124,7 +178,7 @@ def _owner_bounds(n: int, world: int) -> list[int]:
     return [n * r // world for r in range(world + 1)]
 
 
-def _reduce_rows_to_owners(matrix: torch.Tensor, env: DistEnv) -> torch.Tensor:
+def _reduce_rows_to_owners(matrix: torch.Tensor, env: object) -> torch.Tensor:
     """Sum `[N, b]` over ranks into each row's owner (a reduce per owner's contiguous range,
     i.e. a reduce-scatter by entity); returns this rank's owned rows."""
     if not env.distributed:
@@ -138,7 +192,7 @@ def _reduce_rows_to_owners(matrix: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return matrix[bounds[env.rank]:bounds[env.rank + 1]]
 
 
-def _all_gather_owned(part: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor:
+def _all_gather_owned(part: torch.Tensor, n: int, env: object) -> torch.Tensor:
     """Concatenate every rank's owned range (in entity order) on every rank."""
     if not env.distributed:
         return part
@@ -154,7 +208,7 @@ def _all_gather_owned(part: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor:
 
 @torch.no_grad()
 def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str, loss: str,
-                   env: DistEnv, memory_bytes: int = 256 << 20, pooled_below: int | None = None):
+                   env=None, memory_bytes: int = 256 << 20, pooled_below: int | None = None):
     """Exact reassignment proposal for every entity of `table` with data: its best active
     cluster over all its training interactions, in `O(entities)` memory. The clusters are
     streamed in blocks of `b = memory_bytes / (8 N)` (one pass over the data per block: a
@@ -163,6 +217,8 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
     gain, counts, pooled, mean_loss)`, identical on every rank; `pooled` is the per-cluster
     summed loss of the entities with data but fewer than `pooled_below` interactions, or None;
     `mean_loss` the training loss per interaction at the current assignment."""
+    env = _env(env)
+    features = _features(emb, table)
     state = emb.cluster_states[table]
     n, m = state.num_entities, state.num_active
     block = int(max(1, min(m, memory_bytes // max(8 * n, 1))))
@@ -177,27 +233,28 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
     counts = None
     for first in range(0, m, block):                      # blocks of clusters, bounded count
         last = min(m, first + block)
-        feature = TABLE_FEATURE[table]
         rows = emb.cluster_rows(table)[first:last]
         matrix = torch.zeros(n, last - first, dtype=torch.float64)
         c = torch.zeros(n, dtype=torch.int32) if counts is None else None
         offsets_of = getattr(emb, "entity_offsets", None)
         for item in make_batches():
             kjt, dense, label = item[:3]
-            embs = _pooled(emb, kjt, feature)
+            embs = _pooled(emb, kjt)
             if not _valid(item):
                 continue
-            ids = kjt[feature].values().long()
-            offsets = offsets_of(table, ids) if offsets_of is not None else None
-            if c is not None:
-                c.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-            chunk = max(1, (1 << 18) // rows.shape[0])
-            for start in range(0, label.numel(), chunk):
-                sl = slice(start, start + chunk)
-                losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
-                                          None if dense is None else dense[sl], label[sl],
-                                          feature, loss, rows, None if offsets is None else offsets[sl])
-                matrix.index_add_(0, ids[sl], losses.double())
+            for feature in features:
+                ids = kjt[feature].values().long()
+                offsets = offsets_of(table, ids) if offsets_of is not None else None
+                if c is not None:
+                    c.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+                chunk = max(1, (1 << 18) // rows.shape[0])
+                for start in range(0, label.numel(), chunk):
+                    sl = slice(start, start + chunk)
+                    losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
+                                              None if dense is None else dense[sl], label[sl],
+                                              feature, loss, rows,
+                                              None if offsets is None else offsets[sl])
+                    matrix.index_add_(0, ids[sl], losses.double())
         if c is not None:
             counts = all_reduce_(c, env)
             if pooled_below is not None:
@@ -274,7 +331,7 @@ def _linear_losses(x: torch.Tensor, const: torch.Tensor, label: torch.Tensor,
 
 
 @torch.no_grad()
-def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: DistEnv,
+def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
                   k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20):
     """CEL-Lite proposal: only the entities seen in `recent` (the interactions since the last
     reassignment), each over `k + 1` candidates: its cluster and the `k` clusters nearest to its
@@ -290,7 +347,8 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
     for scoring (float32, at most `cache_bytes`; batches past it are looked up again), so the
     second pass runs no embedding lookup."""
     from cel_torchrec.distributed.collectives import all_gather_rows
-    feature = TABLE_FEATURE[table]
+    env = _env(env)
+    features = _features(emb, table)
     state = emb.cluster_states[table]
     rows = emb.cluster_rows(table)
     m, d = rows.shape
@@ -305,35 +363,38 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
         largest = torch.tensor([max(int(item[2].numel()) for item in batches)])
         if env.distributed:
             all_reduce_(largest, env, op="max")
-        n_cache = cache_bytes // max(int(largest[0]) * (d + 2) * 4, 1)
+        n_cache = cache_bytes // max(int(largest[0]) * (d + 2) * 4 * len(features), 1)
+    # pass 1: per-entity count, curvature and gradient; ids in (batch, feature) order
     ids_l, gh_l, cache = [], [], []
     for j, item in enumerate(batches):
         kjt, dense, label = item[:3]
-        embs = _pooled(emb, kjt, feature)
+        embs = _pooled(emb, kjt)
         if not _valid(item):
             cache.append(None)
             continue
-        ids = kjt[feature].values().long()
-        if linear is not None:
-            x, const = linear(embs, dense, feature)
-            pred = model(embs, dense)
-            if loss == "mse":
-                dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+        kept = []
+        pred = model(embs, dense) if linear is not None else None
+        for feature in features:
+            ids = kjt[feature].values().long()
+            if linear is not None:
+                x, const = linear(embs, dense, feature)
+                if loss == "mse":
+                    dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+                else:
+                    p = torch.sigmoid(pred)
+                    dl, w = p - label, p * (1 - p)
+                g = torch.zeros(ids.numel(), d, dtype=x.dtype)
+                g[:, :x.shape[1]] = dl[:, None] * x
+                h = w * (x * x).sum(1) / d
+                offsets = offsets_of(table, ids) if offsets_of is not None else None
+                if offsets is not None:
+                    const = const + (x * offsets[:, :x.shape[1]]).sum(1)
+                kept.append((x.float(), const.float(), label.float()))
             else:
-                p = torch.sigmoid(pred)
-                dl, w = p - label, p * (1 - p)
-            g = torch.zeros(ids.numel(), d, dtype=x.dtype)
-            g[:, :x.shape[1]] = dl[:, None] * x
-            h = w * (x * x).sum(1) / d
-            offsets = offsets_of(table, ids) if offsets_of is not None else None
-            if offsets is not None:
-                const = const + (x * offsets[:, :x.shape[1]]).sum(1)
-            cache.append((x.float(), const.float(), label.float()) if j < n_cache else None)
-        else:
-            g, h = _gauss_newton(model, embs, dense, label, feature, loss)
-            cache.append(None)
-        ids_l.append(ids)
-        gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
+                g, h = _gauss_newton(model, embs, dense, label, feature, loss)
+            ids_l.append(ids)
+            gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
+        cache.append(kept if linear is not None and j < n_cache else None)
     ids = torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.long)
     seen, inverse = torch.unique(ids, return_inverse=True)
     stats = torch.zeros(seen.numel(), d + 2, dtype=torch.float64)    # count, h, g per entity
@@ -371,26 +432,28 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
         if kept is None and j < n_cache:        # a padding batch at a cached position
             continue
         if kept is None:
-            embs = _pooled(emb, kjt, feature)      # (a padding batch still runs its lookup)
+            embs = _pooled(emb, kjt)      # (a padding batch still runs its lookup)
             if not _valid(item):
                 continue
-        ids = kjt[feature].values().long()
-        slot = (inverse[at:at + ids.numel()] if inverse is not None
-                else torch.searchsorted(seen, ids))
-        at += ids.numel()
-        if kept is None:
-            offsets = offsets_of(table, ids) if offsets_of is not None else None
-        for start in range(0, label.numel(), chunk):
-            sl = slice(start, start + chunk)
-            cand_rows = rows[cands[slot[sl]]]
-            if kept is not None:
-                x, const, lab = kept
-                lc = _linear_losses(x[sl], const[sl], lab[sl], cand_rows, loss)
-            else:
-                lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
-                                      None if dense is None else dense[sl], label[sl], feature,
-                                      loss, cand_rows, None if offsets is None else offsets[sl])
-            losses.index_add_(0, slot[sl], lc.double())
+        for fi, feature in enumerate(features):
+            ids = kjt[feature].values().long()
+            slot = (inverse[at:at + ids.numel()] if inverse is not None
+                    else torch.searchsorted(seen, ids))
+            at += ids.numel()
+            if kept is None:
+                offsets = offsets_of(table, ids) if offsets_of is not None else None
+            for start in range(0, label.numel(), chunk):
+                sl = slice(start, start + chunk)
+                cand_rows = rows[cands[slot[sl]]]
+                if kept is not None:
+                    x, const, lab = kept[fi]
+                    lc = _linear_losses(x[sl], const[sl], lab[sl], cand_rows, loss)
+                else:
+                    lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
+                                          None if dense is None else dense[sl], label[sl],
+                                          feature, loss, cand_rows,
+                                          None if offsets is None else offsets[sl])
+                losses.index_add_(0, slot[sl], lc.double())
     del cache
     if env.distributed:          # each entity's losses summed at its owner, then shared
         owner = torch.bucketize(seen, torch.tensor(_owner_bounds(state.num_entities, env.world_size)[1:-1]),
@@ -403,7 +466,7 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env: Dist
     return seen, best, gain, counts.to(torch.int32), mean_loss
 
 
-def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: DistEnv) -> torch.Tensor:
+def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: object) -> torch.Tensor:
     """Rows sorted by owner rank: sum each owner's block over ranks at that owner (one reduce per
     owner), then share the owners' results (all-gather), so every rank gets the global sums."""
     import torch.distributed as dist
@@ -426,25 +489,26 @@ def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: DistE
 EXACT_MAX_CELLS = 1 << 25
 
 
-def reassign_mode_for(cfg, cel) -> str | None:
-    """`cel.reassign_mode`, with `auto` resolved: exact while every clustered table's
+def resolve_reassign_mode(mode: str, emb) -> str | None:
+    """`mode` (exact | lite | auto) with `auto` resolved: exact while every clustered table's
     `entities x max_clusters` loss cells fit in one pass (<= 2^25 float64, 256 MiB), else lite.
     Exact reads all training data once per block of clusters, so past that size its cost grows
     with `entities x clusters x interactions`; Lite's stays proportional to the interactions
-    since the last reassignment. None when the run has no clustered table."""
-    if cel is None:
+    since the last reassignment. None when `emb` is None or has no clustered table."""
+    if mode not in (*REASSIGN_MODES, "auto"):
+        raise ValueError(f"reassign mode must be exact|lite|auto, got {mode!r}")
+    if emb is None or not emb.clustered_tables:
         return None
-    mode = cfg.cel.reassign_mode
     if mode != "auto":
         return mode
     cells = max(s.num_entities * s.capacity for s in
-                (cel.cluster_states[t] for t in cel.clustered_tables))
+                (emb.cluster_states[t] for t in emb.clustered_tables))
     return "exact" if cells <= EXACT_MAX_CELLS else "lite"
 
 
-def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv,
-                     keep_prob: float, generator: torch.Generator,
-                     optimizer: torch.optim.Optimizer | None, mode: str = "exact",
+def run_reassignment(emb, model, batches, table: str, *, loss: str, generator: torch.Generator,
+                     env=None, keep_prob: float = 0.31,
+                     optimizer: torch.optim.Optimizer | None = None, mode: str = "exact",
                      recent: Iterable | None = None, lite_k: int = 8,
                      memory_bytes: int = 256 << 20, lite_cache_bytes: int = 128 << 20,
                      min_gain: float = 0.0) -> tuple[ReassignPlan, PhaseReport]:
@@ -456,11 +520,12 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, env: DistEnv
     interactions the argmin over many clusters mostly fits noise)."""
     if mode not in REASSIGN_MODES:
         raise ValueError(f"reassign mode must be one of {REASSIGN_MODES}, got {mode!r}")
+    env = _env(env)
     t0 = time.perf_counter()
     was_training = emb.training
     emb.eval()
     state = emb.cluster_states[table]
-    ccfg = getattr(emb, "_clustering", {}).get(table)
+    ccfg = emb.clustering_config(table)
     policy = getattr(ccfg, "unseen_policy", "stay")
     min_count = max(int(getattr(ccfg, "cold_interactions", 1)), 1)
     if hasattr(emb, "sync_statistics"):
