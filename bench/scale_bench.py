@@ -42,7 +42,9 @@ _RUNNER = r"""
 import json, os, resource, sys
 from trainer.config import load_config
 from trainer.worker import run_worker
-cfg = load_config(None, sys.argv[1:])
+args = sys.argv[1:]
+config = args.pop(0)[len("--config="):] if args and args[0].startswith("--config=") else None
+cfg = load_config(config or None, args)
 m = run_worker(cfg)
 m["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 if int(os.environ.get("RANK", "0")) == 0:
@@ -50,9 +52,12 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
-def run_one(overrides: list[str], timeout: float, procs: int = 1) -> dict:
+def run_one(overrides: list[str], timeout: float, procs: int = 1, config: str | None = None) -> dict:
     """One trainer run in a fresh process (`procs` > 1: torchrun with that many gloo ranks, one
-    intra-op thread each); its metrics plus the largest RSS of any of its processes."""
+    intra-op thread each) on `config` (a YAML file; None: the defaults) plus `overrides`; its
+    metrics plus the largest RSS of any of its processes."""
+    if config is not None:
+        overrides = [f"--config={config}", *overrides]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if procs == 1:
         cmd = [sys.executable, "-c", _RUNNER, *overrides]
