@@ -129,6 +129,33 @@ def _valid(item) -> bool:
     return len(item) <= 3 or bool(item[3])
 
 
+def _accumulate_block_losses(emb, model, batches: Iterable, table: str, features: list[str],
+                             loss: str, rows: torch.Tensor, matrix: torch.Tensor,
+                             counts: torch.Tensor | None, max_rows: int = 1 << 18) -> None:
+    """Add to `matrix[entity]` `[N, b]` each interaction's losses under the cluster rows `rows`
+    `[b, D]` (every feature of `table`, chunks of at most `max_rows` sample x cluster cells), and
+    to `counts[entity]` (if given) one per interaction."""
+    offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
+    chunk = max(1, max_rows // rows.shape[0])
+    for item in batches:
+        kjt, dense, label = item[:3]
+        embs = _pooled(emb, kjt)
+        if not _valid(item):
+            continue
+        for feature in features:                          # a loop over features, not entities
+            ids = kjt[feature].values().long()
+            offsets = offsets_of(table, ids) if offsets_of is not None else None
+            if counts is not None:
+                counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            for start in range(0, label.numel(), chunk):   # chunks of samples, bounded count
+                sl = slice(start, start + chunk)
+                losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
+                                          None if dense is None else dense[sl], label[sl],
+                                          feature, loss, rows,
+                                          None if offsets is None else offsets[sl])
+                matrix.index_add_(0, ids[sl], losses.double())
+
+
 @torch.no_grad()
 def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env=None,
                     max_rows: int = 1 << 18, return_counts: bool = False,
@@ -147,24 +174,8 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env=No
     n = state.num_entities
     counts = torch.zeros(n, dtype=torch.int32, device=rows.device)
     matrix = torch.zeros(n, m, dtype=torch.float64, device=rows.device)
-    offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
-    for item in batches:
-        kjt, dense, label = item[:3]
-        embs = _pooled(emb, kjt)
-        if not _valid(item):
-            continue
-        for feature in features:                          # a loop over features, not entities
-            entity_ids = kjt[feature].values().long()
-            offsets = offsets_of(table, entity_ids) if offsets_of is not None else None
-            counts.index_add_(0, entity_ids, torch.ones_like(entity_ids, dtype=torch.int32))
-            chunk = max(1, max_rows // m)
-            for start in range(0, label.numel(), chunk):   # chunks of samples, bounded count
-                sl = slice(start, start + chunk)
-                losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
-                                          None if dense is None else dense[sl], label[sl],
-                                          feature, loss, rows,
-                                          None if offsets is None else offsets[sl])
-                matrix.index_add_(0, entity_ids[sl], losses.to(torch.float64))
+    _accumulate_block_losses(emb, model, batches, table, features, loss, rows, matrix, counts,
+                             max_rows)
     all_reduce_(counts, env)
     all_reduce_(matrix, env)
     seen = (counts > 0).nonzero().flatten()
@@ -236,25 +247,8 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
         rows = emb.cluster_rows(table)[first:last]
         matrix = torch.zeros(n, last - first, dtype=torch.float64)
         c = torch.zeros(n, dtype=torch.int32) if counts is None else None
-        offsets_of = getattr(emb, "entity_offsets", None)
-        for item in make_batches():
-            kjt, dense, label = item[:3]
-            embs = _pooled(emb, kjt)
-            if not _valid(item):
-                continue
-            for feature in features:
-                ids = kjt[feature].values().long()
-                offsets = offsets_of(table, ids) if offsets_of is not None else None
-                if c is not None:
-                    c.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-                chunk = max(1, (1 << 18) // rows.shape[0])
-                for start in range(0, label.numel(), chunk):
-                    sl = slice(start, start + chunk)
-                    losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
-                                              None if dense is None else dense[sl], label[sl],
-                                              feature, loss, rows,
-                                              None if offsets is None else offsets[sl])
-                    matrix.index_add_(0, ids[sl], losses.double())
+        _accumulate_block_losses(emb, model, make_batches(), table, features, loss, rows,
+                                 matrix, c)
         if c is not None:
             counts = all_reduce_(c, env)
             if pooled_below is not None:
