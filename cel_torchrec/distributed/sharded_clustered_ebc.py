@@ -33,8 +33,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
                                     cluster_grad_scale)
 from cel_torchrec.distributed import collectives as C
-from cel_torchrec.modules.clustered_ebc import (ClusteredEmbeddingBagCollection, ClusteringConfig,
-                                                ClusterStates, RemappedFeature,
+from cel_torchrec.modules.clustered_ebc import (ClusterAccess, ClusteredEmbeddingBagCollection,
+                                                ClusteringConfig, ClusterStates, RemappedFeature,
                                                 _splits_per_event, attach_cluster_grad_hook,
                                                 make_split_windows,
                                                 plan_split, reset_window_sums)
@@ -51,6 +51,7 @@ class ClusteredEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 
 
 class ShardedClusteredEmbeddingBagCollection(
+        ClusterAccess,
         ShardedEmbeddingModule[KJTList, list[torch.Tensor], KeyedTensor,
                                ClusteredEmbeddingBagCollectionContext]):
     """Sharded `ClusteredEmbeddingBagCollection`: replicated assignment maps, sharded cluster
@@ -182,40 +183,12 @@ class ShardedClusteredEmbeddingBagCollection(
 
     # ------------------------------------------------------------------ same API as unsharded
     @property
-    def cluster_states(self) -> ClusterStates:
-        return self._remapper.states
-
-    @property
     def batch_scope(self) -> str:
         return self._batch_scope
 
     @property
-    def clustered_tables(self) -> list[str]:
-        return list(self._remapper.states)
-
-    def table_features(self, table: str) -> list[str]:
-        """The features (KJT keys) that look up clustered table `table`."""
-        return self._remapper.features_of(table)
-
-    def clustering_config(self, table: str) -> ClusteringConfig:
-        """How clustered table `table` is clustered."""
-        return self._clustering[table]
-
-    @property
     def process_group(self) -> dist.ProcessGroup | None:
         return self._pg
-
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return list(self._tables)
-
-    def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
-        """Add this rank's last batch losses to its per-cluster loss sums (summed over ranks
-        when the next split window opens)."""
-        for table, per_feature in self._last_cluster_ids.items():
-            acc = self._cluster_loss_sum.get(table)
-            if acc is not None:     # a table shared by several features: each feature's ids
-                for cluster_ids in per_feature:
-                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
 
     def sync_statistics(self, tables: list[str] | None = None) -> None:
         """Collective: add every rank's interactions counted since the last sync into the

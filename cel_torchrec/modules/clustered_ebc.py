@@ -185,7 +185,44 @@ class _GradHook(torch.autograd.Function):
         return ctx.hook(grad), None
 
 
-class ClusteredEmbeddingBagCollection(nn.Module):
+class ClusterAccess:
+    """The part of the API the unsharded collection and its sharded twin share word for word:
+    reading the per-table clustering state, and the per-cluster loss sums of the split
+    criteria. A mixin: needs `_remapper`, `_clustering`, `_tables`, `_last_cluster_ids`
+    (table -> the last training batch's cluster ids, one tensor per feature) and
+    `_cluster_loss_sum`."""
+
+    @property
+    def cluster_states(self) -> ClusterStates:
+        return self._remapper.states
+
+    @property
+    def clustered_tables(self) -> list[str]:
+        return list(self._remapper.states)
+
+    def table_features(self, table: str) -> list[str]:
+        """The features (KJT keys) that look up clustered table `table`."""
+        return self._remapper.features_of(table)
+
+    def clustering_config(self, table: str) -> ClusteringConfig:
+        """How clustered table `table` is clustered."""
+        return self._clustering[table]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._tables)
+
+    def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
+        """Add the last training batch's per-sample losses (this rank's) to the per-cluster loss
+        sums the `loss` / `mean_loss` split criteria read (summed over ranks when the next split
+        window opens)."""
+        for table, per_feature in self._last_cluster_ids.items():
+            acc = self._cluster_loss_sum.get(table)
+            if acc is not None:     # a table shared by several features: each feature's ids
+                for cluster_ids in per_feature:
+                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+
+
+class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
     """EmbeddingBagCollection whose `clustering` tables store `max_clusters` cluster rows shared by
     entities. Same KJT in, same KeyedTensor out as the stock collection built from `tables`
     (where each clustered table's `num_embeddings` is its number of entities).
@@ -228,25 +265,6 @@ class ClusteredEmbeddingBagCollection(nn.Module):
                               clustering[name], state.capacity, widths[name], device)
 
     # ------------------------------------------------------------------ lookup
-    @property
-    def cluster_states(self) -> ClusterStates:
-        return self._remapper.states
-
-    @property
-    def clustered_tables(self) -> list[str]:
-        return list(self._remapper.states)
-
-    def table_features(self, table: str) -> list[str]:
-        """The features (KJT keys) that look up clustered table `table`."""
-        return self._remapper.features_of(table)
-
-    def clustering_config(self, table: str) -> ClusteringConfig:
-        """How clustered table `table` is clustered."""
-        return self._clustering[table]
-
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return list(self._tables)
-
     def table_weight(self, table: str) -> torch.Tensor:
         return self._embedding_bag_collection.embedding_bags[table].weight
 
@@ -303,15 +321,6 @@ class ClusteredEmbeddingBagCollection(nn.Module):
         return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
 
     # --------------------------------------------------------------- statistics
-    def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
-        """Add the last training batch's per-sample losses to per-cluster loss sums (used by the
-        `loss` / `mean_loss` split criteria)."""
-        for table, per_feature in self._last_cluster_ids.items():
-            acc = self._cluster_loss_sum.get(table)
-            if acc is not None:     # a table shared by several features: each feature's ids
-                for cluster_ids in per_feature:
-                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
-
     def begin_split_window(self, table: str) -> torch.Tensor:
         """Choose this table's split candidates now (by its criterion, from the statistics of the
         previous window) and start recording their members' gradients. Returns the candidates."""
