@@ -298,6 +298,24 @@ class RecentInteractions:
     def __len__(self) -> int:
         return self._samples
 
+    def state_dict(self) -> dict:
+        """The buffered batches as plain tensors (KJT keys, values, lengths, weights; dense;
+        label), for a checkpoint: a resumed run scores its next CEL-Lite reassignment on the
+        same interactions as an uninterrupted one."""
+        return {"max_samples": self.max_samples,
+                "batches": [{"keys": list(kjt.keys()), "values": kjt.values(),
+                             "lengths": kjt.lengths(), "weights": kjt.weights_or_none(),
+                             "dense": dense, "label": label}
+                            for kjt, dense, label in self._batches]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        self.clear()
+        for b in state["batches"]:
+            kjt = KeyedJaggedTensor(keys=b["keys"], values=b["values"], lengths=b["lengths"],
+                                    weights=b["weights"])
+            self.add(kjt, b["dense"], b["label"])
+
 
 def _gauss_newton(model, embs: dict, dense, label, feature: str, loss: str):
     """Per-sample gradient of the loss w.r.t. the `feature` embedding `[b, D]` and a scalar

@@ -578,7 +578,8 @@ class TrainRecipe:
     def save_checkpoint(self, report_metrics: dict | None = None) -> pathlib.Path | None:
         """Atomic: written to `checkpoint.tmp/`, then renamed over `checkpoint/`. Holds the model,
         optimizer, step, RNG and the cluster state (maps, counters, open split windows); sharded
-        runs add the tables and fused optimizer state as a DCP checkpoint in `sharded/`."""
+        runs add the tables and fused optimizer state as a DCP checkpoint in `sharded/`; CEL-Lite
+        runs each rank's buffer of recent batches (`lite_recent_rank<r>.pt`)."""
         path = self._checkpoint_dir()
         tmp = path.with_name("checkpoint.tmp")
         state = self.checkpoint_state()
@@ -589,6 +590,9 @@ class TrainRecipe:
         if self.tables.sharded:
             from cel_torchrec.distributed import save_checkpoint as save_sharded
             save_sharded(self.emb, str(tmp / "sharded"))
+        if self.recent is not None:      # each rank's own CEL-Lite buffer (its batches)
+            torch.save(self.recent.state_dict(), tmp / f"lite_recent_rank{self.env.rank}.pt")
+            barrier(self.env)            # all written before rank 0 renames the directory
         if self.env.is_main:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
@@ -678,6 +682,12 @@ class TrainRecipe:
             for t, w in state["windows"].items():
                 self.cel.restore_split_window(t, w["candidates"], w["entities"], w["grads"],
                                               w.get("counts"))
+        if self.recent is not None:
+            buffered = directory / f"lite_recent_rank{self.env.rank}.pt"
+            if buffered.exists():
+                self.recent.load_state_dict(torch.load(buffered, weights_only=False))
+            else:                        # a checkpoint from before buffers were saved
+                self.recent.clear()
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict:

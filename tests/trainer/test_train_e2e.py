@@ -154,3 +154,24 @@ def test_embedding_state_bytes_counts_tables_and_their_optimizer_state(tmp_path,
     cel = run_worker(tiny_config(tmp_path, "train.epochs=1", f"train.fused_tables={fused}",
                                  "run.name=tiny_cel"))
     assert cel["embedding_bytes"] < cel["embedding_state_bytes"] < full["embedding_state_bytes"]
+
+
+def test_resume_restores_the_cel_lite_buffer_of_recent_batches(tmp_path):
+    """Nothing lost on a crash: the batches since the last reassignment, which CEL-Lite scores
+    at the next one, come back with the checkpoint."""
+    cfg = tiny_config(tmp_path, "train.epochs=1", "cel.reassign_mode=lite")
+    first = TrainRecipe(cfg, init_distributed())
+    first.setup()
+    first.train()
+    saved = list(first.recent)
+    assert len(first.recent) > 0 and saved            # the epoch ended between reassignments
+    second = TrainRecipe(tiny_config(tmp_path, "train.epochs=1", "cel.reassign_mode=lite",
+                                     "run.resume=true"), init_distributed())
+    second.setup()
+    restored = list(second.recent)
+    assert len(second.recent) == len(first.recent) and len(restored) == len(saved)
+    for (k1, d1, y1), (k2, d2, y2) in zip(saved, restored):
+        assert k1.keys() == k2.keys()
+        assert torch.equal(k1.values(), k2.values()) and torch.equal(k1.lengths(), k2.lengths())
+        assert torch.equal(y1, y2) and (d1 is None) == (d2 is None)
+    first.cleanup(), second.cleanup()
