@@ -192,13 +192,24 @@ class ShardedClusteredEmbeddingBagCollection(
 
     def sync_statistics(self, tables: list[str] | None = None) -> None:
         """Collective: add every rank's interactions counted since the last sync into the
-        replicated `entity_interactions` (call before reading counters or saving)."""
+        replicated `entity_interactions` (call before reading counters or saving). Exact
+        integer sums, the same on every rank."""
         names = self.clustered_tables if tables is None else tables
-        pending = [self._pending_interactions[n] for n in names]
-        C.all_reduce_sum_many_(pending, self._pg)
-        for n, p in zip(names, pending):
-            self._remapper.states[n].entity_interactions.add_(p)
-            p.zero_()
+        # sparse: only the entities counted since the last sync travel, as (table, entity,
+        # count) rows in one all-gather, so an event costs O(entities seen), not O(N)
+        rows = []
+        for i, n in enumerate(names):
+            p = self._pending_interactions[n]
+            idx = p.nonzero().flatten()
+            rows.append(torch.stack([torch.full_like(idx, i), idx, p[idx].long()], dim=1))
+            p[idx] = 0
+        gathered = C.all_gather_rows(torch.cat(rows) if rows else
+                                     torch.zeros(0, 3, dtype=torch.long), self._pg)
+        for i, n in enumerate(names):
+            mine = gathered[gathered[:, 0] == i]
+            counts = self._remapper.states[n].entity_interactions
+            counts.index_add_(0, mine[:, 1].to(counts.device),
+                              mine[:, 2].to(device=counts.device, dtype=counts.dtype))
 
     def begin_split_window(self, table: str) -> torch.Tensor:
         """Collective. Choose the split candidates from the statistics of the previous window,
