@@ -13,3 +13,9 @@ def test_cosim_gate_keeps_the_planted_assignment_that_argmin_leaves(tmp_path):
     assert argmin["val_rmse"] > frozen["val_rmse"]
     random = cosim(tmp_path / "s", "random", gate=0.0, rounds=5)
     assert 0 < random["purity_items"] < 1 and random["val_rmse"] > 0
+
+
+def test_cosim_topdown_doubles_to_the_budget(tmp_path):
+    generate_synthetic(tmp_path / "s", users=300, items=300, interactions=6000, clusters=4, seed=1)
+    out = cosim(tmp_path / "s", "topdown", gate=0.0, rounds=2, clusters=8)
+    assert out["clusters"] == 8 and 0 < out["purity_users"] <= 1 and out["val_rmse"] > 0
