@@ -25,9 +25,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from cel_torchrec.choices import REASSIGN_MODES
 from cel_torchrec.algorithm import ReassignPlan, decide_reassignment_from_best
-
-REASSIGN_MODES = ("exact", "lite")
 
 
 @dataclass(frozen=True)

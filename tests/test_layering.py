@@ -15,6 +15,9 @@ FORBIDDEN = {
                              "trainer", "jobs"],
     "cel_torchrec/distributed": ["ray", "wandb", "trainer", "jobs"],
     "cel_torchrec/phases.py": ["ray", "wandb", "trainer", "jobs"],
+    # the string options, read by the trainer's config without loading torch
+    "cel_torchrec/choices.py": ["torch", "torchrec", "fbgemm_gpu", "numpy", "cel_torchrec.algorithm",
+                                "cel_torchrec.modules", "cel_torchrec.distributed", "trainer", "jobs"],
     "trainer": ["jobs"],
     "data_pipeline": ["cel_torchrec", "trainer", "jobs"],
 }

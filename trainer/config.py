@@ -17,6 +17,9 @@ from typing import Any, Union
 
 import yaml
 
+from cel_torchrec.choices import (BATCH_SCOPES, GRAD_AVERAGES, REASSIGN_MODES, SHARDING_TYPES,
+                                  SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS, UNSEEN_POLICIES)
+
 
 class ConfigError(ValueError):
     """An invalid config: unknown key, wrong type or value outside its choices."""
@@ -83,15 +86,14 @@ class ClusteringConfig:
     enabled: bool = False
     max_clusters: int = 50
     init_clusters: int = 1
-    grad_average: str = _choice("batch", "batch", "members", "none")
-    split_criterion: str = _choice("interactions", "interactions", "grad_norm", "members", "loss",
-                                   "mean_loss")
-    split_method: str = _choice("sign", "sign", "median")
+    grad_average: str = _choice("batch", *GRAD_AVERAGES)
+    split_criterion: str = _choice("interactions", *SPLIT_CRITERIA)
+    split_method: str = _choice("sign", *SPLIT_METHODS)
     splits_per_event: int = 1
     # MF only: one unclustered scalar bias per entity (counted in embedding bytes)
     entity_bias: bool = False
     # where reassignment puts entities without training data: stay | largest (by interactions)
-    unseen_policy: str = _choice("stay", "stay", "largest", "pooled")
+    unseen_policy: str = _choice("stay", *UNSEEN_POLICIES)
     # ... and so are entities with fewer training interactions than this (with largest|pooled)
     cold_interactions: int = 1
     # MF entity_bias only: per-step L2 pull of the per-entity biases toward zero
@@ -100,7 +102,7 @@ class ClusteringConfig:
     # the others stay
     window_rows: int | None = None
     # what GPCA decomposes per informed member: its summed gradient (reference) or the mean
-    split_gradient: str = _choice("sum", "sum", "mean")
+    split_gradient: str = _choice("sum", *SPLIT_GRADIENTS)
 
 
 @dataclass
@@ -134,7 +136,7 @@ class CelConfig:
     # nearest its one-step desired embedding, scored on those recent interactions, at most
     # `lite_buffer_samples` of them), or auto: exact while entities x max_clusters <= 2^25
     # (one pass, <= 256 MiB of float64 losses), else lite
-    reassign_mode: str = _choice("auto", "auto", "exact", "lite")
+    reassign_mode: str = _choice("auto", "auto", *REASSIGN_MODES)
     lite_k: int = 8
     lite_buffer_samples: int = 1 << 21
     freeze_after: int | None = None
@@ -185,9 +187,8 @@ class DistConfig:
     (exact, one all-gather per step) or in each rank's `local` batch (no communication)."""
 
     backend: str = _choice("auto", "auto", "gloo", "nccl")
-    sharding: str = _choice("table_wise", "table_wise", "column_wise", "row_wise",
-                            "data_parallel")
-    batch_scope: str = _choice("global", "global", "local")
+    sharding: str = _choice("table_wise", *SHARDING_TYPES)
+    batch_scope: str = _choice("global", *BATCH_SCOPES)
 
 
 @dataclass

@@ -4,6 +4,8 @@ interaction model -> loss -> backward (cluster rows get averaged gradients; spli
 per-entity gradients) -> optimizer step -> at scheduled safe points, split / reassign."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -74,13 +76,7 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
         for table, key in CONFIG_KEY_OF_TABLE.items():
             c = getattr(cfg.cel, key)
             if c.enabled:
-                clustering[table] = ClusteringConfig(
-                    max_clusters=c.max_clusters, init_clusters=c.init_clusters,
-                    grad_average=c.grad_average, split_criterion=c.split_criterion,
-                    split_method=c.split_method, splits_per_event=c.splits_per_event,
-                    entity_bias_column=_entity_bias_column(cfg, c), unseen_policy=c.unseen_policy,
-                    cold_interactions=c.cold_interactions, entity_bias_decay=c.entity_bias_decay,
-                    window_rows=c.window_rows, split_gradient=c.split_gradient)
+                clustering[table] = library_clustering(c, _entity_bias_column(cfg, c))
         emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
     elif method == "full":
         emb = FullEmbeddingBagCollection(tables=tables, device=device)
@@ -94,6 +90,15 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
     _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed,
                      zero_from=cfg.model.embedding_dim if cfg.model.name == "mf" else None)
     return emb
+
+
+def library_clustering(c, entity_bias_column: int | None) -> ClusteringConfig:
+    """The library's ClusteringConfig from a `cel.<table>` section: every field of the library's
+    class is declared, same name and meaning, in the trainer's (a test keeps them in step); the
+    trainer's `entity_bias` switch becomes the library's bias column."""
+    shared = {f.name for f in dataclasses.fields(ClusteringConfig)} - {"entity_bias_column"}
+    return ClusteringConfig(**{name: getattr(c, name) for name in shared},
+                            entity_bias_column=entity_bias_column)
 
 
 def _entity_bias_column(cfg: TrainConfig, c) -> int | None:

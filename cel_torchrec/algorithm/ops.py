@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-GRAD_AVERAGE_MODES = ("batch", "members", "none")
+from cel_torchrec.choices import GRAD_AVERAGES as GRAD_AVERAGE_MODES
 
 
 def remap_ids(assignment: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cel_torchrec.choices import SPLIT_CRITERIA, SPLIT_METHODS
 from cel_torchrec.algorithm.ops import segment_covariance
-
-SPLIT_CRITERIA = ("interactions", "grad_norm", "members", "loss", "mean_loss")
-SPLIT_METHODS = ("sign", "median")
 
 
 @dataclass(frozen=True)

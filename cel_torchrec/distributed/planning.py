@@ -14,12 +14,11 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from cel_torchrec.choices import SHARDING_TYPES
 from cel_torchrec.distributed.sharded_clustered_ebc import ShardedClusteredEmbeddingBagCollection
 from cel_torchrec.distributed.sharder import (ClusteredEmbeddingBagCollectionSharder,
                                               RowWiseOnCPUEmbeddingBagCollectionSharder)
 from cel_torchrec.modules.clustered_ebc import ClusteredEmbeddingBagCollection
-
-SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_column_wise", "data_parallel")
 
 
 def cel_sharders(fused_params: dict[str, Any] | None = None,

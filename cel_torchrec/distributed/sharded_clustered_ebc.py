@@ -30,6 +30,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cel_torchrec.choices import BATCH_SCOPES
 from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
                                     cluster_grad_scale)
 from cel_torchrec.distributed import collectives as C
@@ -38,8 +39,6 @@ from cel_torchrec.modules.clustered_ebc import (ClusterAccess, ClusteredEmbeddin
                                                 _splits_per_event, attach_cluster_grad_hook,
                                                 make_split_windows,
                                                 plan_split, reset_window_sums)
-
-BATCH_SCOPES = ("global", "local")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cel_torchrec.choices import SPLIT_GRADIENTS, UNSEEN_POLICIES
 from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, SplitWindow,
                                     apply_split, choose_clusters, cluster_grad_scale, gpca_split,
                                     remap_ids)
@@ -64,9 +65,6 @@ class ClusteringConfig:
             return max(1, int(self.window_rows))
         # a window holds at most one row per entity: never more rows than the table has
         return max(1, min(num_entities, max(4096, num_entities // 16)))
-
-
-SPLIT_GRADIENTS = ("sum", "mean")
 
 
 class ClusterStates(nn.Module):
@@ -231,7 +229,6 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
     cannot be averaged per cluster)."""
 
 
-
     def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
                  device: torch.device | None = None, seed: int = 0):
         super().__init__()
@@ -245,8 +242,8 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
         self.entity_biases = nn.ParameterDict()
         widths = {t.name: t.embedding_dim for t in tables}
         for name, cfg in clustering.items():
-            if cfg.unseen_policy not in ("stay", "largest", "pooled"):
-                raise ValueError(f"unseen_policy must be stay|largest|pooled, got {cfg.unseen_policy!r}")
+            if cfg.unseen_policy not in UNSEEN_POLICIES:
+                raise ValueError(f"unseen_policy must be one of {UNSEEN_POLICIES}, got {cfg.unseen_policy!r}")
             if cfg.entity_bias_column is not None:
                 if not 0 <= cfg.entity_bias_column < widths[name]:
                     raise ValueError(f"table {name!r}: entity_bias_column {cfg.entity_bias_column} "

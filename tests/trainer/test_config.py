@@ -188,3 +188,37 @@ def test_every_key_the_ray_driver_reads_is_declared():
             assert yaml.safe_load(fallback) == declared, key
     with pytest.raises(ConfigError, match="ray.num_cpu"):
         load_config(None, ["ray.num_cpu=2"])
+
+
+def test_the_config_offers_exactly_the_library_choices():
+    """One home for every string option: the typed config's choices are the library's tuples
+    (the sharding list used to lack table_column_wise, which the planner accepts)."""
+    from cel_torchrec import choices
+    from trainer.config import ClusteringConfig, CelConfig, DistConfig
+    def offered(cls, name):
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+    assert offered(ClusteringConfig, "grad_average") == choices.GRAD_AVERAGES
+    assert offered(ClusteringConfig, "split_criterion") == choices.SPLIT_CRITERIA
+    assert offered(ClusteringConfig, "split_method") == choices.SPLIT_METHODS
+    assert offered(ClusteringConfig, "split_gradient") == choices.SPLIT_GRADIENTS
+    assert offered(ClusteringConfig, "unseen_policy") == choices.UNSEEN_POLICIES
+    assert offered(CelConfig, "reassign_mode") == ("auto", *choices.REASSIGN_MODES)
+    assert offered(DistConfig, "sharding") == choices.SHARDING_TYPES
+    assert offered(DistConfig, "batch_scope") == choices.BATCH_SCOPES
+    assert load_config(None, ["dist.sharding=table_column_wise"]).dist.sharding == "table_column_wise"
+
+
+def test_every_library_clustering_option_is_a_config_key():
+    """The trainer's `cel.<table>` section declares each field of the library's
+    ClusteringConfig (the builder copies them by name), so a library option cannot go missing."""
+    from cel_torchrec.modules import ClusteringConfig as Library
+    from trainer.config import ClusteringConfig
+    from trainer.loop import library_clustering
+    ours = {f.name for f in dataclasses.fields(ClusteringConfig)}
+    assert {f.name for f in dataclasses.fields(Library)} - {"entity_bias_column"} <= ours
+    section = load_config(None, ["cel.items.split_gradient=mean", "cel.items.window_rows=77",
+                                 "cel.items.grad_average=members"]).cel.items
+    lib = library_clustering(section, 5)
+    assert (lib.split_gradient, lib.window_rows, lib.grad_average, lib.entity_bias_column) == \
+        ("mean", 77, "members", 5)
+    assert lib.max_clusters == section.max_clusters
