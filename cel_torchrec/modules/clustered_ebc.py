@@ -154,12 +154,7 @@ class ClusterRemapper(nn.Module):
             start, end = offsets[i], offsets[i + 1]
             ids = values[start:end]
             state = self.states[table]
-            check_one_id_per_sample(key, ids, _key_lengths(features, i))
-            if ids.numel():
-                low, high = (int(v) for v in torch.aminmax(ids))
-                if low < 0 or high >= state.num_entities:
-                    raise IndexError(f"feature {key!r}: ids must be in [0, {state.num_entities}), "
-                                     f"got [{low}, {high}]")
+            check_feature_ids(key, ids, _key_lengths(features, i), state.num_entities)
             cluster_ids = remap_ids(state.assignment, ids)
             new_values[start:end] = cluster_ids.to(values.dtype)
             remapped.append(RemappedFeature(key, table, ids, cluster_ids))
@@ -484,16 +479,29 @@ def _key_lengths(features: KeyedJaggedTensor, index: int) -> torch.Tensor:
     return features.lengths()[index * stride:(index + 1) * stride]
 
 
-def check_one_id_per_sample(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Clustered features carry exactly one entity id per sample (see the class docstring):
+def check_feature_ids(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor,
+                      num_entities: int) -> None:
+    """A clustered feature carries exactly one entity id per sample (see the class docstring):
     every bag of length 1, not merely as many ids as samples (bags `[2, 1, 0]` hold 3 ids for 3
-    samples, and would pair per-sample gradients with the wrong entities)."""
-    if lengths.numel() and not bool((lengths == 1).all()):
-        low, high = (int(v) for v in torch.aminmax(lengths))
-        raise ValueError(f"clustered feature {key!r} needs exactly one id per sample (bag "
-                         f"lengths from {low} to {high}, {entity_ids.numel()} ids for "
-                         f"{lengths.numel()} samples); multi-hot bags of clustered tables are "
-                         f"not supported yet")
+    samples, and would pair per-sample gradients with the wrong entities); and every id lies in
+    `[0, num_entities)`. One host read for both checks."""
+    parts = ([*torch.aminmax(lengths)] if lengths.numel() else []) + \
+            ([*torch.aminmax(entity_ids)] if entity_ids.numel() else [])
+    if not parts:
+        return
+    bounds = torch.stack([p.long() for p in parts]).tolist()
+    if lengths.numel():
+        (low, high), bounds = bounds[:2], bounds[2:]
+        if low != 1 or high != 1:
+            raise ValueError(f"clustered feature {key!r} needs exactly one id per sample (bag "
+                             f"lengths from {low} to {high}, {entity_ids.numel()} ids for "
+                             f"{lengths.numel()} samples); multi-hot bags of clustered tables "
+                             f"are not supported yet")
+    if bounds:
+        low, high = bounds
+        if low < 0 or high >= num_entities:
+            raise IndexError(f"feature {key!r}: ids must be in [0, {num_entities}), "
+                             f"got [{low}, {high}]")
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:
