@@ -30,15 +30,13 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cel_torchrec.algorithm import ReassignPlan, cluster_grad_scale
 from cel_torchrec.choices import BATCH_SCOPES
-from cel_torchrec.algorithm import (ReassignPlan, SplitPlan, apply_split, choose_clusters,
-                                    cluster_grad_scale)
 from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusterAccess, ClusteredEmbeddingBagCollection,
                                                 ClusteringConfig, ClusterStates, RemappedFeature,
-                                                _splits_per_event, attach_cluster_grad_hook,
-                                                make_split_windows,
-                                                plan_split, reset_window_sums)
+                                                attach_cluster_grad_hook, make_split_windows,
+                                                reset_window_sums)
 
 
 @dataclass
@@ -47,6 +45,27 @@ class ClusteredEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 
     cel_plans: list = field(default_factory=list)
     cel_global_counts: "_GlobalDistinctMembers | None" = None
+
+
+class GroupReduction:
+    """Split-window statistics and decisions over a process group: sums all-reduced, window
+    rows gathered, decisions taken on rank 0 and broadcast (see `LocalReduction`)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self._group = group
+
+    @property
+    def is_root(self) -> bool:
+        return C.rank(self._group) == 0
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return C.all_gather_rows(rows, self._group)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        C.all_reduce_sum_many_(tensors, self._group)
+
+    def decide(self, fn):
+        return C.broadcast_object(fn() if self.is_root else None, 0, self._group)
 
 
 class ShardedClusteredEmbeddingBagCollection(
@@ -84,6 +103,7 @@ class ShardedClusteredEmbeddingBagCollection(
             device=device, module_fqn=append_prefix(module_fqn or "", "_embedding_bag_collection"))
         self._dims = {t.name: t.embedding_dim for t in self._tables}
         self._windows = make_split_windows(self._tables, self._clustering, device)
+        self._reduction = GroupReduction(self._pg)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
@@ -210,81 +230,11 @@ class ShardedClusteredEmbeddingBagCollection(
             counts.index_add_(0, mine[:, 1].to(counts.device),
                               mine[:, 2].to(device=counts.device, dtype=counts.dtype))
 
-    def begin_split_window(self, table: str) -> torch.Tensor:
-        """Collective. Choose the split candidates from the statistics of the previous window,
-        summed over ranks (decided on rank 0, broadcast), and start recording their members'
-        gradients on every rank. Returns the candidates."""
-        state = self._remapper.states[table]
-        cfg = self._clustering[table]
-        device = state.assignment.device
+    def _sync_before_window(self, table: str) -> None:
         self.sync_statistics([table])
-        grad_sum = self._cluster_grad_sum.get(table)
-        loss_sum = self._cluster_loss_sum.get(table)
-        reduced = [t for t in (grad_sum, loss_sum) if t is not None]
-        C.all_reduce_sum_many_(reduced, self._pg)
-        candidates = None
-        if C.rank(self._pg) == 0:
-            candidates = choose_clusters(
-                cfg.split_criterion, state.num_active, _splits_per_event(cfg, state),
-                member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
-                grad_norms=grad_sum.norm(dim=1) if grad_sum is not None else None,
-                loss_sums=loss_sum).cpu()
-        candidates = C.broadcast_object(candidates, 0, self._pg).to(device)
-        self._open_window(table, candidates)
-        return candidates
 
-    def _open_window(self, table: str, candidates: torch.Tensor) -> None:
-        state = self._remapper.states[table]
-        self._windows[table].open(candidates)
-        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
-                          self._clustering[table], state.capacity, self._dims[table],
-                          state.assignment.device)
-
-    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return C.all_gather_rows(rows, self._pg)
-
-    def window_rows(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Collective. (candidates, recorded entity ids, gradient sums, interaction counts),
-        merged over ranks: each rank's recorded rows are gathered (O(rows), not O(entities))."""
-        w = self._windows[table]
-        return (w.candidates, *w.rows(self._gather_rows))
-
-    def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Collective. (candidates, recorded entity ids, their gradients summed over ranks)."""
-        return self.window_rows(table)[:3]
-
-    def split_window(self, table: str):
-        return self._windows[table]
-
-    def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
-                             grads: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        """Reopen a window saved from `window_rows` (global sums): rank 0 holds them, the
-        other ranks start empty, so the next merge gives the same totals."""
-        state = self._remapper.states[table]
-        if C.rank(self._pg) == 0:
-            self._windows[table].restore(candidates, entities, grads, counts)
-        else:
-            self._windows[table].open(candidates)
-        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
-                          self._clustering[table], state.capacity, self._dims[table],
-                          state.assignment.device)
-
-    def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
-              plan: SplitPlan | None = None) -> SplitPlan:
-        """Collective. Split the open window's candidates by GPCA on the gradients merged over
-        ranks (or apply `plan`); rank 0 decides, every rank applies the same plan to its map,
-        and each child row gets its parent's row and fused optimizer state wherever they live."""
-        state = self._remapper.states[table]
-        device = state.assignment.device
-        if plan is None:
-            rows = self.window_rows(table)
-            if C.rank(self._pg) == 0:
-                plan = plan_split(state, self._clustering[table], *rows)
-        plan = _plan_to(C.broadcast_object(_plan_to(plan, "cpu") if plan is not None else None,
-                                           0, self._pg), device)
-        apply_split(state, plan)
-        self.copy_rows(table, plan.parents, plan.children, optimizer)
-        return plan
+    def _table_dim(self, table: str) -> int:
+        return self._dims[table]
 
     def apply_reassignment(self, table: str, plan: ReassignPlan,
                            optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -447,11 +397,3 @@ class _GlobalDistinctMembers:
     def grad_scale(self, key: str, cluster_ids: torch.Tensor) -> torch.Tensor:
         denom = self.counts()[key].index_select(0, cluster_ids)
         return 1.0 / denom.clamp_min(1).to(torch.float32)
-
-
-def _plan_to(plan: SplitPlan | None, device) -> SplitPlan | None:
-    if plan is None:
-        return None
-    return SplitPlan(parents=plan.parents.to(device), children=plan.children.to(device),
-                     moved_entities=plan.moved_entities.to(device), moved_to=plan.moved_to.to(device),
-                     skipped=plan.skipped.to(device))

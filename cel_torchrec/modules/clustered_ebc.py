@@ -178,12 +178,30 @@ class _GradHook(torch.autograd.Function):
         return ctx.hook(grad), None
 
 
+class LocalReduction:
+    """How split-window statistics and decisions combine across processes, for one process:
+    nothing to combine. The sharded collection injects its process group's version
+    (`cel_torchrec.distributed.sharded_clustered_ebc.GroupReduction`)."""
+
+    is_root = True
+    gather_rows = None          # SplitWindow.rows(gather): None merges this process's rows
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` in place over processes."""
+
+    def decide(self, fn):
+        """`fn()` computed on the root process, the same result on every process."""
+        return fn()
+
+
 class ClusterAccess:
     """The part of the API the unsharded collection and its sharded twin share word for word:
-    reading the per-table clustering state, and the per-cluster loss sums of the split
-    criteria. A mixin: needs `_remapper`, `_clustering`, `_tables`, `_last_cluster_ids`
-    (table -> the last training batch's cluster ids, one tensor per feature) and
-    `_cluster_loss_sum`."""
+    reading the per-table clustering state, the per-cluster loss sums of the split criteria, and
+    the split windows and splits themselves, with the cross-process reduction injected as
+    `_reduction` (`LocalReduction` unsharded). A mixin: needs `_remapper`, `_clustering`,
+    `_tables`, `_windows`, `_last_cluster_ids` (table -> the last training batch's cluster ids,
+    one tensor per feature), `_cluster_grad_sum`, `_cluster_loss_sum`, `_reduction`,
+    `_table_dim(table)` and `copy_rows`."""
 
     @property
     def cluster_states(self) -> ClusterStates:
@@ -213,6 +231,84 @@ class ClusterAccess:
             if acc is not None:     # a table shared by several features: each feature's ids
                 for cluster_ids in per_feature:
                     acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+
+    # ------------------------------------------------------------------ split windows
+    def _sync_before_window(self, table: str) -> None:
+        """Bring the interaction counters up to date before a window opens (sharded: a sync)."""
+
+    def _reset_sums(self, table: str) -> None:
+        state = self._remapper.states[table]
+        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
+                          self._clustering[table], state.capacity, self._table_dim(table),
+                          state.assignment.device)
+
+    def begin_split_window(self, table: str) -> torch.Tensor:
+        """Collective when sharded. Choose this table's split candidates (by its criterion, from
+        the statistics of the previous window, summed over ranks, decided on the root) and start
+        recording their members' gradients. Returns the candidates."""
+        state = self._remapper.states[table]
+        cfg = self._clustering[table]
+        self._sync_before_window(table)
+        grad_sum = self._cluster_grad_sum.get(table)
+        loss_sum = self._cluster_loss_sum.get(table)
+        self._reduction.sum_([t for t in (grad_sum, loss_sum) if t is not None])
+        candidates = self._reduction.decide(lambda: choose_clusters(
+            cfg.split_criterion, state.num_active, _splits_per_event(cfg, state),
+            member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
+            grad_norms=grad_sum.norm(dim=1) if grad_sum is not None else None,
+            loss_sums=loss_sum).cpu())
+        candidates = candidates.to(state.assignment.device)
+        self._windows[table].open(candidates)
+        self._reset_sums(table)
+        return candidates
+
+    def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
+                             grads: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Reopen a window saved from `window_rows` (global sums), so a resumed run splits
+        exactly as it would have: the root holds the sums, other ranks start empty, so the next
+        merge gives the same totals."""
+        if self._reduction.is_root:
+            self._windows[table].restore(candidates, entities, grads, counts)
+        else:
+            self._windows[table].open(candidates)
+        self._reset_sums(table)
+
+    def window_rows(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collective when sharded. (candidates, recorded entity ids ascending, their gradient
+        sums, their interaction counts) of the open window, merged over ranks (O(rows), not
+        O(entities))."""
+        w = self._windows[table]
+        return (w.candidates, *w.rows(self._reduction.gather_rows))
+
+    def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collective when sharded. (candidates, recorded entity ids, their gradient sums)."""
+        return self.window_rows(table)[:3]
+
+    def split_window(self, table: str) -> SplitWindow:
+        return self._windows[table]
+
+    def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
+              plan: SplitPlan | None = None) -> SplitPlan:
+        """Collective when sharded. Split the open window's candidates by GPCA on the merged
+        window (or apply `plan`); the root decides, every rank applies the same plan to its map,
+        and each child row gets its parent's row and optimizer state wherever they live."""
+        state = self._remapper.states[table]
+        rows = self.window_rows(table) if plan is None else None
+
+        def decide() -> SplitPlan:
+            chosen = plan if plan is not None else plan_split(state, self._clustering[table], *rows)
+            return _plan_to(chosen, "cpu")
+
+        plan = _plan_to(self._reduction.decide(decide), state.assignment.device)
+        apply_split(state, plan)
+        self.copy_rows(table, plan.parents, plan.children, optimizer)
+        return plan
+
+
+def _plan_to(plan: SplitPlan, device) -> SplitPlan:
+    return SplitPlan(parents=plan.parents.to(device), children=plan.children.to(device),
+                     moved_entities=plan.moved_entities.to(device), moved_to=plan.moved_to.to(device),
+                     skipped=plan.skipped.to(device))
 
 
 class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
@@ -249,6 +345,7 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
                     p = self.entity_biases[name]
                     p.register_hook(lambda g, p=p, w=float(cfg.entity_bias_decay): g + w * p.detach())
         self._windows = make_split_windows(tables, clustering, device)
+        self._reduction = LocalReduction()
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
         self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
@@ -257,6 +354,9 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
                               clustering[name], state.capacity, widths[name], device)
 
     # ------------------------------------------------------------------ lookup
+    def _table_dim(self, table: str) -> int:
+        return self.table_weight(table).shape[1]
+
     def table_weight(self, table: str) -> torch.Tensor:
         return self._embedding_bag_collection.embedding_bags[table].weight
 
@@ -312,62 +412,10 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
             plans.append((key, table, entity_ids, cluster_ids, scale))
         return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
 
-    # --------------------------------------------------------------- statistics
-    def begin_split_window(self, table: str) -> torch.Tensor:
-        """Choose this table's split candidates now (by its criterion, from the statistics of the
-        previous window) and start recording their members' gradients. Returns the candidates."""
-        state = self._remapper.states[table]
-        cfg = self._clustering[table]
-        dim = self.table_weight(table).shape[1]
-        candidates = choose_clusters(
-            cfg.split_criterion, state.num_active, _splits_per_event(cfg, state),
-            member_counts=state.member_counts(), interaction_counts=state.interaction_counts(),
-            grad_norms=(self._cluster_grad_sum[table].norm(dim=1)
-                        if table in self._cluster_grad_sum else None),
-            loss_sums=self._cluster_loss_sum.get(table))
-        self._windows[table].open(candidates)
-        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table, cfg,
-                          state.capacity, dim, state.assignment.device)
-        return candidates
-
-    def restore_split_window(self, table: str, candidates: torch.Tensor, entities: torch.Tensor,
-                             grads: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        """Reopen a window saved in a checkpoint (so a resumed run splits exactly as it would
-        have)."""
-        state = self._remapper.states[table]
-        self._windows[table].restore(candidates, entities, grads, counts)
-        reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, table,
-                          self._clustering[table], state.capacity,
-                          self.table_weight(table).shape[1], state.assignment.device)
-
-    def window_rows(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidates, recorded entity ids ascending, their gradient sums, their interaction
-        counts) of the open window."""
-        w = self._windows[table]
-        return (w.candidates, *w.rows())
-
-    def window_gradients(self, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidates, recorded entity ids, their accumulated gradients) of the open window."""
-        return self.window_rows(table)[:3]
-
-    def split_window(self, table: str) -> SplitWindow:
-        return self._windows[table]
-
     # --------------------------------------------------------------- cluster ops
     def cluster_rows(self, table: str) -> torch.Tensor:
         """The active cluster rows `[num_active, D]` (detached)."""
         return self.table_weight(table).detach()[: self._remapper.states[table].num_active]
-
-    def split(self, table: str, optimizer: torch.optim.Optimizer | None = None,
-              plan: SplitPlan | None = None) -> SplitPlan:
-        """Split the open window's candidates by GPCA (or apply a given plan), copy each parent's
-        row and optimizer state into its child, and open a new window."""
-        state = self._remapper.states[table]
-        if plan is None:
-            plan = plan_split(state, self._clustering[table], *self.window_rows(table))
-        apply_split(state, plan)
-        self.copy_rows(table, plan.parents, plan.children, optimizer)
-        return plan
 
     def apply_reassignment(self, table: str, plan: ReassignPlan,
                            optimizer: torch.optim.Optimizer | None = None) -> None:
