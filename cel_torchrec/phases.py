@@ -27,6 +27,9 @@ import torch
 
 from cel_torchrec.choices import REASSIGN_MODES
 from cel_torchrec.algorithm import ReassignPlan, decide_reassignment_from_best
+# the phase schedule is part of this API (a training loop asks it what to run at each step)
+from cel_torchrec.algorithm import (REASSIGN, SPLIT, ClusterSchedule,  # noqa: F401
+                                    coverage_window_steps)
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from cel_torchrec.algorithm import REASSIGN, SPLIT, ClusterSchedule, coverage_window_steps
 from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                   FullEmbeddingBagCollection, HashedEmbeddingBagCollection,
                                   QREmbeddingBagCollection)
+from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInteractions,
+                                 coverage_window_steps, per_sample_loss, resolve_reassign_mode,
+                                 run_reassignment, run_split)
 from data_pipeline.collate import to_kjt
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model, embedding_dim_for
-from cel_torchrec.phases import (RecentInteractions, per_sample_loss, resolve_reassign_mode,
-                                 run_reassignment, run_split)
 from trainer.planted import planted_metrics, setup_planted
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers

@@ -203,7 +203,8 @@ def _worker(rank, world, sharding_type, ckpt_dir):
 
     # unsharded export (another world size: here 1 process) gives the same predictions
     state = export_unsharded_state(dmp)
-    single = ClusteredEmbeddingBagCollection(_tables(), oracle._clustering)
+    single = ClusteredEmbeddingBagCollection(
+        _tables(), {t: oracle.clustering_config(t) for t in oracle.clustered_tables})
     single.load_state_dict(state)
     single.eval()
     with torch.no_grad():

@@ -125,8 +125,8 @@ def test_trainer_config_wires_the_options():
     emb = build_embedding_collection(cfg, num_users=5, num_items=8, device=torch.device("cpu"))
     assert "item" in emb.entity_biases and "user" not in emb.entity_biases
     assert torch.all(emb.entity_biases["item"] == 0)          # biases start at zero
-    assert emb._clustering["item"].entity_bias_column == 3
-    assert emb._clustering["item"].unseen_policy == "largest"
+    assert emb.clustering_config("item").entity_bias_column == 3
+    assert emb.clustering_config("item").unseen_policy == "largest"
     default = build_embedding_collection(TrainConfig(), num_users=5, num_items=8,
                                          device=torch.device("cpu"))
     assert len(default.entity_biases) == 0
