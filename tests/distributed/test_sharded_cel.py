@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import user_item_kjt, user_item_tables
 from tests.distributed.harness import run_ranks
 
 pytestmark = pytest.mark.dist
@@ -22,9 +23,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _tables():
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    return [EmbeddingBagConfig(name="user", embedding_dim=DIM, num_embeddings=USERS, feature_names=["user_id"]),
-            EmbeddingBagConfig(name="item", embedding_dim=DIM, num_embeddings=ITEMS, feature_names=["item_id"])]
+    return user_item_tables(USERS, ITEMS, DIM)
 
 
 def _oracle():
@@ -35,11 +34,7 @@ def _oracle():
         "item": ClusteringConfig(max_clusters=CAP, init_clusters=1, grad_average="batch")}, seed=0)
 
 
-def _kjt(users, items):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=["user_id", "item_id"], values=torch.cat([users, items]),
-        lengths=torch.ones(users.numel() + items.numel(), dtype=torch.long))
+_kjt = user_item_kjt
 
 
 def _batch(step):

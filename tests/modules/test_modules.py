@@ -7,20 +7,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                   FullEmbeddingBagCollection, HashedEmbeddingBagCollection,
                                   QREmbeddingBagCollection, hash_ids)
+from tests.conftest import user_item_kjt, user_item_tables
 
 D = 4
 
 
 def tables(users=7, items=9):
-    return [EmbeddingBagConfig(name="user", embedding_dim=D, num_embeddings=users, feature_names=["user_id"]),
-            EmbeddingBagConfig(name="item", embedding_dim=D, num_embeddings=items, feature_names=["item_id"])]
+    return user_item_tables(users, items, D)
 
 
-def kjt(users, items):
-    users, items = torch.tensor(users), torch.tensor(items)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=["user_id", "item_id"], values=torch.cat([users, items]),
-        lengths=torch.ones(len(users) + len(items), dtype=torch.long))
+kjt = user_item_kjt
 
 
 def make_cebc(grad_average="batch"):

@@ -2,8 +2,6 @@
 entities without training data at reassignment, and their wiring through the trainer config."""
 import pytest
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cel_torchrec.algorithm import decide_reassignment
 from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
@@ -12,20 +10,16 @@ from trainer.dist import DistEnv
 from trainer.loop import build_embedding_collection
 from trainer.models import MatrixFactorization, NeuMF
 from cel_torchrec.phases import reassign_losses
+from tests.conftest import user_item_kjt, user_item_tables
 
 D = 4   # MF with d = 3: columns 0..2 latent, column 3 bias
 
 
 def tables(users=5, items=8):
-    return [EmbeddingBagConfig(name="user", embedding_dim=D, num_embeddings=users, feature_names=["user_id"]),
-            EmbeddingBagConfig(name="item", embedding_dim=D, num_embeddings=items, feature_names=["item_id"])]
+    return user_item_tables(users, items, D)
 
 
-def kjt(users, items):
-    users, items = torch.tensor(users), torch.tensor(items)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=["user_id", "item_id"], values=torch.cat([users, items]),
-        lengths=torch.ones(len(users) + len(items), dtype=torch.long))
+kjt = user_item_kjt
 
 
 def make(bias_column=3, unseen="stay"):
