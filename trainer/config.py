@@ -121,6 +121,9 @@ class CelConfig:
     reassign_at: list[int] | None = None
     reassign_rule: str = _choice("reference", "reference", "every", "none")
     reassign_period: int = 40
+    # > 0 (with interval_unit=step): reassign this many times per epoch, whatever the dataset
+    # size (reassign_period becomes steps_per_epoch / this, rule `every`); None: reassign_period
+    reassign_per_epoch: float | None = None
     interval_unit: str = _choice("step", "step", "epoch")
     reassign_keep_prob: float = 0.31
     # an entity moves only if its loss falls by more than this many times the mean training

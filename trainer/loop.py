@@ -211,7 +211,8 @@ class TrainRecipe:
         self.optimizer = self._optimizer()
         self.schedule = ClusterSchedule(
             split_interval=cfg.cel.split_interval, split_until=cfg.cel.split_until,
-            reassign_rule=cfg.cel.reassign_rule, reassign_period=cfg.cel.reassign_period,
+            reassign_rule="every" if cfg.cel.reassign_per_epoch else cfg.cel.reassign_rule,
+            reassign_period=self._reassign_period(),
             reassign_at=tuple(cfg.cel.reassign_at) if cfg.cel.reassign_at is not None else None,
             unit=cfg.cel.interval_unit, freeze_after=cfg.cel.freeze_after)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -403,6 +404,24 @@ class TrainRecipe:
             self.recent.add(kjt, dense, label)
         return float(losses.detach().mean())
 
+    def _epoch_steps(self) -> int:
+        """Training steps per epoch (every rank takes the same number)."""
+        global_batch = self.cfg.data.batch_size * self.env.world_size
+        return max(1, -(-self.meta.splits.get("train", 0) // global_batch))
+
+    def _reassign_period(self) -> int:
+        """`cel.reassign_period`, or with `cel.reassign_per_epoch` the steps between
+        reassignments that give that many per epoch (so a config keeps its phase cost per epoch
+        on a dataset 10x larger, instead of reassigning 10x as often)."""
+        per_epoch = self.cfg.cel.reassign_per_epoch
+        if not per_epoch:
+            return self.cfg.cel.reassign_period
+        if per_epoch < 0:
+            raise ValueError(f"cel.reassign_per_epoch must be > 0, got {per_epoch}")
+        if self.cfg.cel.interval_unit != "step":
+            raise ValueError("cel.reassign_per_epoch needs cel.interval_unit=step")
+        return max(1, round(self._epoch_steps() / per_epoch))
+
     def _open_split_window(self, table: str) -> None:
         """Open `table`'s next split window; with `cel.split_coverage`, note the step at which
         it closes (its candidates' members seen `split_coverage` times on average)."""
@@ -410,9 +429,9 @@ class TrainRecipe:
         coverage = self.cfg.cel.split_coverage
         if coverage > 0:
             global_batch = self.cfg.data.batch_size * self.env.world_size
-            epoch_steps = max(1, -(-self.meta.splits.get("train", 0) // global_batch))
             self.split_due[table] = self.step + coverage_window_steps(
-                self.cel.cluster_states[table], candidates, coverage, global_batch, epoch_steps)
+                self.cel.cluster_states[table], candidates, coverage, global_batch,
+                self._epoch_steps())
 
     def _split_now(self, table: str, t: int, actions) -> bool:
         state = self.cel.cluster_states[table]

@@ -175,3 +175,23 @@ def test_resume_restores_the_cel_lite_buffer_of_recent_batches(tmp_path):
         assert torch.equal(k1.values(), k2.values()) and torch.equal(k1.lengths(), k2.lengths())
         assert torch.equal(y1, y2) and (d1 is None) == (d2 is None)
     first.cleanup(), second.cleanup()
+
+
+def test_reassign_per_epoch_keeps_the_phase_count_per_epoch_on_a_larger_dataset(tmp_path):
+    """`cel.reassign_per_epoch` turns into steps from the dataset: twice the data, twice the
+    steps between reassignments, the same reassignments per epoch."""
+    periods = {}
+    for n in (12000, 24000):
+        r = TrainRecipe(tiny_config(tmp_path, f"data.synthetic.interactions={n}",
+                                    "cel.reassign_per_epoch=2", "cel.reassign_rule=reference"),
+                        init_distributed())
+        r.setup()
+        epoch_steps = -(-r.meta.splits["train"] // 256)
+        assert r.schedule.reassign_rule == "every"
+        assert r.schedule.reassign_period == round(epoch_steps / 2)
+        periods[n] = r.schedule.reassign_period
+        r.cleanup()
+    assert abs(periods[24000] - 2 * periods[12000]) <= 1
+    with pytest.raises(ValueError, match="reassign_per_epoch"):
+        TrainRecipe(tiny_config(tmp_path, "cel.reassign_per_epoch=2", "cel.interval_unit=epoch"),
+                    init_distributed()).setup()
