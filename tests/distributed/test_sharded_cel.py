@@ -3,9 +3,11 @@ processes, for each sharding type of the cluster tables: same outputs and same c
 after steps that include a split and a reassignment; replicated maps identical on every rank;
 row copies (with fused optimizer state) across ranks; checkpoint resume; unsharded export.
 
-One process group per sharding type runs all checks (torchrec's import costs seconds)."""
+One 2-rank run per sharding type runs all checks (torchrec's import costs seconds); each
+behaviour then passes or fails under its own test name (`BEHAVIOURS`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -74,6 +76,36 @@ def _mf_losses(emb, table, batches, gathered_rows, reduce):
     return seen, mf_loss_matrix(s_rr[seen], s_rx[seen], s_xx[seen], gathered_rows)
 
 
+# what the oracle worker checks; each behaviour passes or fails under its own test name
+BEHAVIOURS = ["placement", "tables_match", "forward_matches", "split_candidates", "split_plan",
+              "maps_replicated", "counters", "reassignment_losses", "reassignment_plan",
+              "copy_rows", "embedding_bytes", "checkpoint_round_trip", "unsharded_export",
+              "fused_state_copy"]
+
+
+class _Checks:
+    """Per behaviour: "ok", the first failure's message, or "not reached". Every collective
+    runs outside the checked blocks, so a failed assertion on one rank never leaves the other
+    waiting in a collective."""
+
+    def __init__(self):
+        self.result = {name: "not reached" for name in BEHAVIOURS}
+        self._failed: set[str] = set()
+
+    @contextlib.contextmanager
+    def expect(self, name: str):
+        assert name in self.result, name
+        try:
+            yield
+        except AssertionError as exc:
+            if name not in self._failed:
+                self._failed.add(name)
+                self.result[name] = f"AssertionError: {exc}"[:3000]
+        else:
+            if name not in self._failed:
+                self.result[name] = "ok"
+
+
 def _worker(rank, world, sharding_type, ckpt_dir):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
@@ -84,30 +116,35 @@ def _worker(rank, world, sharding_type, ckpt_dir):
     from cel_torchrec.distributed import collectives as C
     from cel_torchrec.modules import ClusteredEmbeddingBagCollection
 
+    checks = _Checks()
     oracle = _oracle()
     oracle.train()
     dmp = shard_model(copy.deepcopy(oracle), sharding_type=sharding_type,
                       fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     (name, sharded), = clustered_modules(dmp).items()
     load_unsharded_state(dmp, oracle.state_dict())
-    _check_placement(sharded, sharding_type, rank, world)
+    _check_placement(checks, sharded, sharding_type, rank, world)
     dmp.train()
     opt = torch.optim.SGD(oracle.parameters(), lr=LR)
     half = GLOBAL_BATCH // world
     mine = slice(rank * half, (rank + 1) * half)
 
     def check_maps(where):
-        for table in ("user", "item"):
-            a = sharded.cluster_states[table].assignment
-            assert torch.equal(a, oracle.cluster_states[table].assignment), (where, table)
-            assert C.replicas_equal(a), (where, table)
-            assert sharded.cluster_states[table].num_active == oracle.cluster_states[table].num_active
+        replicated = {t: C.replicas_equal(sharded.cluster_states[t].assignment)
+                      for t in ("user", "item")}                         # collectives first
+        with checks.expect("maps_replicated"):
+            for table in ("user", "item"):
+                a = sharded.cluster_states[table].assignment
+                assert torch.equal(a, oracle.cluster_states[table].assignment), (where, table)
+                assert replicated[table], (where, table)
+                assert sharded.cluster_states[table].num_active == oracle.cluster_states[table].num_active
 
-    def check_tables(where):
-        for table in ("user", "item"):
-            full = sharded.gather_table(table)
-            torch.testing.assert_close(full, oracle.table_weight(table).detach(), **TOL,
-                                       msg=f"{where}: {table} table")
+    def check_tables(where, behaviour="tables_match"):
+        full = {t: sharded.gather_table(t) for t in ("user", "item")}   # collectives first
+        with checks.expect(behaviour):
+            for table in ("user", "item"):
+                torch.testing.assert_close(full[table], oracle.table_weight(table).detach(), **TOL,
+                                           msg=f"{where}: {table} table")
 
     def train_step(step):
         users, items, label = _batch(step)
@@ -123,7 +160,8 @@ def _worker(rank, world, sharding_type, ckpt_dir):
         ref_loss.backward()
         opt.step()
         oracle.observe_losses(((ref - label) ** 2).detach())
-        torch.testing.assert_close(pred.detach(), ref.detach()[mine], **TOL, msg=f"step {step}")
+        with checks.expect("forward_matches"):
+            torch.testing.assert_close(pred.detach(), ref.detach()[mine], **TOL, msg=f"step {step}")
 
     check_tables("start")
     for step in range(STEPS):
@@ -131,36 +169,41 @@ def _worker(rank, world, sharding_type, ckpt_dir):
             for table in ("user", "item"):
                 got = sharded.begin_split_window(table)
                 want = oracle.begin_split_window(table)
-                assert torch.equal(got, want), (table, got, want)
+                with checks.expect("split_candidates"):
+                    assert torch.equal(got, want), (table, got, want)
         if step == 4:
             for table in ("user", "item"):
                 p = sharded.split(table)
                 q = oracle.split(table, optimizer=opt)
-                assert torch.equal(p.parents, q.parents) and torch.equal(p.children, q.children)
-                assert p.num_splits == 1, (table, p)
+                with checks.expect("split_plan"):
+                    assert torch.equal(p.parents, q.parents) and torch.equal(p.children, q.children)
+                    assert p.num_splits == 1, (table, p)
             check_maps("after split")
             check_tables("after split")
             sharded.sync_statistics()                # counters are summed lazily
-            for table in ("user", "item"):
-                assert torch.equal(sharded.cluster_states[table].entity_interactions,
-                                   oracle.cluster_states[table].entity_interactions)
+            with checks.expect("counters"):
+                for table in ("user", "item"):
+                    assert torch.equal(sharded.cluster_states[table].entity_interactions,
+                                       oracle.cluster_states[table].entity_interactions)
         if step == 7:
             batches = [_batch(s) for s in range(3)]
             for table in ("item", "user"):
                 rows = sharded.cluster_rows(table)
-                torch.testing.assert_close(rows, oracle.cluster_rows(table), **TOL)
                 local = [(u[mine], i[mine], y[mine]) for u, i, y in batches]
                 seen, losses = _mf_losses(sharded, table, local, rows, reduce=True)
                 seen_o, losses_o = _mf_losses(oracle, table, batches, oracle.cluster_rows(table), reduce=False)
-                assert torch.equal(seen, seen_o)
-                torch.testing.assert_close(losses, losses_o, atol=1e-6, rtol=1e-6)
+                with checks.expect("reassignment_losses"):
+                    torch.testing.assert_close(rows, oracle.cluster_rows(table), **TOL)
+                    assert torch.equal(seen, seen_o)
+                    torch.testing.assert_close(losses, losses_o, atol=1e-6, rtol=1e-6)
                 state = sharded.cluster_states[table]
                 plan = decide_reassignment(state.assignment, state.num_active, seen, losses,
                                            keep_prob=0.31, generator=torch.Generator().manual_seed(7))
                 plan_o = decide_reassignment(oracle.cluster_states[table].assignment, state.num_active,
                                              seen_o, losses_o, keep_prob=0.31,
                                              generator=torch.Generator().manual_seed(7))
-                assert torch.equal(plan.new_assignment, plan_o.new_assignment)
+                with checks.expect("reassignment_plan"):
+                    assert torch.equal(plan.new_assignment, plan_o.new_assignment)
                 sharded.apply_reassignment(table, plan)
                 oracle.apply_reassignment(table, plan_o, optimizer=opt)
             check_maps("after reassignment")
@@ -171,8 +214,9 @@ def _worker(rank, world, sharding_type, ckpt_dir):
     # a row copy whose source and destination may live on different ranks (row-wise)
     sharded.copy_rows("item", torch.tensor([0, 1]), torch.tensor([CAP - 1, CAP - 2]))
     oracle.copy_rows("item", torch.tensor([0, 1]), torch.tensor([CAP - 1, CAP - 2]))
-    check_tables("after copy_rows")
-    assert sharded.embedding_bytes() == oracle.embedding_bytes()
+    check_tables("after copy_rows", "copy_rows")
+    with checks.expect("embedding_bytes"):
+        assert sharded.embedding_bytes() == oracle.embedding_bytes()
 
     # checkpoint: save, change weights and maps, load, identical predictions
     users, items, _ = _batch(99)
@@ -188,13 +232,15 @@ def _worker(rank, world, sharding_type, ckpt_dir):
     dmp.eval()
     with torch.no_grad():
         changed = _predict(dmp(_kjt(users[mine], items[mine])))
-    assert not torch.allclose(changed, before)
     load_checkpoint(dmp, ckpt_dir)
     with torch.no_grad():
         after = _predict(dmp(_kjt(users[mine], items[mine])))
-    assert torch.equal(after, before)
-    check_maps_after_load = sharded.cluster_states["item"].num_active
-    assert C.replicas_equal(sharded.cluster_states["item"].assignment)
+    num_active_after_load = sharded.cluster_states["item"].num_active
+    replicated = C.replicas_equal(sharded.cluster_states["item"].assignment)
+    with checks.expect("checkpoint_round_trip"):
+        assert not torch.allclose(changed, before)
+        assert torch.equal(after, before)
+        assert replicated
 
     # unsharded export (another world size: here 1 process) gives the same predictions
     state = export_unsharded_state(dmp)
@@ -204,12 +250,13 @@ def _worker(rank, world, sharding_type, ckpt_dir):
     single.eval()
     with torch.no_grad():
         full_pred = _predict(single(_kjt(users, items)))
-    torch.testing.assert_close(full_pred[mine], before, **TOL)
-    _check_fused_state_copy(rank, world, sharding_type, ckpt_dir + "_adagrad")
-    return {"num_active_after_load": check_maps_after_load}
+    with checks.expect("unsharded_export"):
+        torch.testing.assert_close(full_pred[mine], before, **TOL)
+    _check_fused_state_copy(checks, rank, world, sharding_type, ckpt_dir + "_adagrad")
+    return {"checks": checks.result, "num_active_after_load": num_active_after_load}
 
 
-def _check_placement(sharded, sharding_type, rank, world):
+def _check_placement(checks, sharded, sharding_type, rank, world):
     """The planner really placed the cluster tables as asked."""
     from cel_torchrec.distributed import collectives as C
     for table in ("user", "item"):
@@ -217,16 +264,17 @@ def _check_placement(sharded, sharding_type, rank, world):
         rows_total = CAP
         held = torch.tensor([sum(s.rows * s.cols for s in shards)])
         C.all_reduce_sum_(held)
-        assert int(held) == rows_total * DIM, (table, int(held))     # every element exactly once
-        if sharding_type == "column_wise":
-            assert [(s.rows, s.cols, s.col_offset) for s in shards] == [(CAP, DIM // world, rank * DIM // world)]
-        elif sharding_type == "row_wise":
-            assert [(s.rows, s.cols, s.row_offset) for s in shards] == [(CAP // world, DIM, rank * CAP // world)]
-        else:
-            assert all((s.rows, s.cols) == (CAP, DIM) for s in shards)
+        with checks.expect("placement"):
+            assert int(held) == rows_total * DIM, (table, int(held))     # every element exactly once
+            if sharding_type == "column_wise":
+                assert [(s.rows, s.cols, s.col_offset) for s in shards] == [(CAP, DIM // world, rank * DIM // world)]
+            elif sharding_type == "row_wise":
+                assert [(s.rows, s.cols, s.row_offset) for s in shards] == [(CAP // world, DIM, rank * CAP // world)]
+            else:
+                assert all((s.rows, s.cols) == (CAP, DIM) for s in shards)
 
 
-def _check_fused_state_copy(rank, world, sharding_type, ckpt_dir):
+def _check_fused_state_copy(checks, rank, world, sharding_type, ckpt_dir):
     """With a stateful fused optimizer, split and copy_rows carry the parent's optimizer state
     into the child row (across ranks for row-wise), and checkpoints restore that state."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -245,28 +293,42 @@ def _check_fused_state_copy(rank, world, sharding_type, ckpt_dir):
         pred = _predict(dmp(_kjt(users[mine], items[mine])))
         ((pred - label[mine]) ** 2).mean().backward()
     state0 = sharded.gather_table("item", state_index=0)
-    assert state0[0].abs().sum() > 0                       # cluster 0 has been trained
     src, dst = torch.tensor([0]), torch.tensor([CAP - 1])  # first and last rows (two ranks if row-wise)
     sharded.copy_rows("item", src, dst)
     state1 = sharded.gather_table("item", state_index=0)
     weights = sharded.gather_table("item")
-    assert torch.equal(state1[CAP - 1], state0[0]) and torch.equal(weights[CAP - 1], weights[0])
     save_checkpoint(dmp, ckpt_dir)
     users, items, label = _batch(5)
     pred = _predict(dmp(_kjt(users[mine], items[mine])))
     ((pred - label[mine]) ** 2).mean().backward()
-    assert not torch.equal(sharded.gather_table("item", state_index=0), state1)
+    trained_on = sharded.gather_table("item", state_index=0)
     load_checkpoint(dmp, ckpt_dir)
-    assert torch.equal(sharded.gather_table("item", state_index=0), state1)
+    restored = sharded.gather_table("item", state_index=0)
     exported = export_unsharded_state(dmp, with_optimizer=True)
-    assert torch.equal(exported["_embedding_bag_collection.embedding_bags.item.weight"], weights)
-    assert exported["optimizer"], "fused optimizer state exported"
+    with checks.expect("fused_state_copy"):
+        assert state0[0].abs().sum() > 0                       # cluster 0 has been trained
+        assert torch.equal(state1[CAP - 1], state0[0]) and torch.equal(weights[CAP - 1], weights[0])
+        assert not torch.equal(trained_on, state1)
+        assert torch.equal(restored, state1)
+        assert torch.equal(exported["_embedding_bag_collection.embedding_bags.item.weight"], weights)
+        assert exported["optimizer"], "fused optimizer state exported"
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "row_wise"])
-def test_sharded_matches_unsharded_oracle(sharding_type, tmp_path):
-    results = run_ranks(_worker, sharding_type, str(tmp_path / "ckpt"))
-    assert results[0] == results[1]
+@pytest.fixture(scope="module", params=["table_wise", "column_wise", "row_wise"])
+def oracle_run(request, tmp_path_factory):
+    """One 2-rank run of every check per sharding type (torchrec's import costs seconds)."""
+    ckpt = tmp_path_factory.mktemp(f"ckpt_{request.param}")
+    return run_ranks(_worker, request.param, str(ckpt / "ckpt"))
+
+
+@pytest.mark.parametrize("behaviour", BEHAVIOURS)
+def test_sharded_matches_unsharded_oracle(oracle_run, behaviour):
+    for rank, result in enumerate(oracle_run):
+        assert result["checks"][behaviour] == "ok", f"rank {rank}: {result['checks'][behaviour]}"
+
+
+def test_sharded_oracle_ranks_agree(oracle_run):
+    assert oracle_run[0]["num_active_after_load"] == oracle_run[1]["num_active_after_load"]
 
 
 def _global_counts_worker(rank, world):
