@@ -29,7 +29,7 @@ COLUMNS = {
                             "best_val_rmse_cold", "best_epoch", "reassign_time_s", "train_time_s"],
     "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local", "first_epoch_s", "wall_s"],
 }
-COLUMNS["scale_1e6"] = COLUMNS["scale"]       # the 1e6 sizes, run on their own (see README)
+COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes, run on their own
 SKIP = {"note", "args"}
 
 

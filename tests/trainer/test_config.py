@@ -213,7 +213,7 @@ def test_every_library_clustering_option_is_a_config_key():
     ClusteringConfig (the builder copies them by name), so a library option cannot go missing."""
     from cel_torchrec.modules import ClusteringConfig as Library
     from trainer.config import ClusteringConfig
-    from trainer.loop import library_clustering
+    from trainer.builders import library_clustering
     ours = {f.name for f in dataclasses.fields(ClusteringConfig)}
     assert {f.name for f in dataclasses.fields(Library)} - {"entity_bias_column"} <= ours
     section = load_config(None, ["cel.items.split_gradient=mean", "cel.items.window_rows=77",

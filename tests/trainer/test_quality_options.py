@@ -7,7 +7,7 @@ from cel_torchrec.algorithm import decide_reassignment
 from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
 from trainer.config import TrainConfig, apply_overrides
 from trainer.dist import DistEnv
-from trainer.loop import build_embedding_collection
+from trainer.builders import build_embedding_collection
 from trainer.models import MatrixFactorization, NeuMF
 from cel_torchrec.phases import reassign_losses
 from tests.conftest import user_item_kjt, user_item_tables
