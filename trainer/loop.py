@@ -8,7 +8,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import time
 from typing import Any, Callable, Iterator
 
@@ -22,6 +21,7 @@ from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInterac
 from data_pipeline.collate import to_kjt
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.builders import CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset
+from trainer.checkpointing import CheckpointClient
 from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
@@ -121,8 +121,13 @@ class TrainRecipe:
         self.reassign_mode = resolve_reassign_mode(cfg.cel.reassign_mode, self.cel)
         self.recent = (RecentInteractions(cfg.cel.lite_buffer_samples)
                        if self.reassign_mode == "lite" else None)
+        ray = self.ray_ctx
+        self.checkpoints = CheckpointClient(
+            self.run_dir, env,
+            report=(lambda m, d: ray.report(m, checkpoint_dir=d)) if ray is not None else None,
+            latest_reported=ray.latest_checkpoint_dir if ray is not None else None)
         self.jsonl_phases = self.run_dir / "phases.jsonl"
-        if env.is_main and self._resume_candidate() is None:
+        if env.is_main and self.checkpoints.resume_candidate(cfg.run.resume) is None:
             # a fresh run in a reused RUN_DIR starts its logs afresh (a resumed one appends)
             for stale in (self.jsonl_phases, self.run_dir / "metrics.jsonl"):
                 stale.unlink(missing_ok=True)
@@ -464,9 +469,6 @@ class TrainRecipe:
         return val
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_dir(self) -> pathlib.Path:
-        return self.run_dir / "checkpoint"
-
     def checkpoint_state(self) -> dict:
         """Everything but the sharded tables (which DCP writes per rank). Collective when the
         split windows are sharded: call on every rank."""
@@ -497,58 +499,27 @@ class TrainRecipe:
         return out
 
     def save_checkpoint(self, report_metrics: dict | None = None) -> pathlib.Path | None:
-        """Atomic: written to `checkpoint.tmp/`, then renamed over `checkpoint/`. Holds the model,
-        optimizer, step, RNG and the cluster state (maps, counters, open split windows); sharded
-        runs add the tables and fused optimizer state as a DCP checkpoint in `sharded/`; CEL-Lite
-        runs each rank's buffer of recent batches (`lite_recent_rank<r>.pt`)."""
-        path = self._checkpoint_dir()
-        tmp = path.with_name("checkpoint.tmp")
+        """Collective. The model, optimizer, progress, RNG and the cluster state (maps, counters,
+        open split windows); sharded runs add the tables and fused optimizer state (DCP), CEL-Lite
+        runs each rank's buffer of recent batches. Atomic (see `trainer.checkpointing`)."""
         state = self.checkpoint_state()
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(self.env)
+        write_sharded = None
         if self.tables.sharded:
             from cel_torchrec.distributed import save_checkpoint as save_sharded
-            save_sharded(self.emb, str(tmp / "sharded"))
-        if self.recent is not None:      # each rank's own CEL-Lite buffer (its batches)
-            torch.save(self.recent.state_dict(), tmp / f"lite_recent_rank{self.env.rank}.pt")
-            barrier(self.env)            # all written before rank 0 renames the directory
-        if self.env.is_main:
-            torch.save(state, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
-                                                       "world_size": self.env.world_size,
-                                                       "cluster_state": self.cluster_digest()}))
-            old = path.with_name("checkpoint.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        barrier(self.env)
-        if self.ray_ctx is not None:
-            self.ray_ctx.report({**(report_metrics or {}), "step": self.step, "epoch": self.epoch},
-                                checkpoint_dir=str(path) if self.env.is_main else None)
-        return path
-
-    def _resume_candidate(self) -> pathlib.Path | None:
-        """The checkpoint this run resumes from (Ray's latest, else RUN_DIR's with
-        `run.resume`), or None for a fresh run."""
-        candidates = []
-        if self.ray_ctx is not None:
-            d = self.ray_ctx.latest_checkpoint_dir()
-            if d:
-                candidates.append(pathlib.Path(d))
-        if self.cfg.run.resume:
-            candidates.append(self._checkpoint_dir())
-        return next((d for d in candidates if (d / "state.pt").exists()), None)
+            write_sharded = lambda d: save_sharded(self.emb, str(d))   # noqa: E731
+        return self.checkpoints.save(
+            state, {"step": self.step, "epoch": self.epoch, "world_size": self.env.world_size,
+                    "cluster_state": self.cluster_digest()},
+            write_sharded=write_sharded,
+            rank_files={"lite_recent": self.recent.state_dict()} if self.recent is not None else None,
+            report_metrics={**(report_metrics or {}), "step": self.step, "epoch": self.epoch})
 
     def _maybe_resume(self) -> bool:
-        d = self._resume_candidate()
+        d = self.checkpoints.resume_candidate(self.cfg.run.resume)
         if d is None:
             return False
         self.load_checkpoint(d)
-        self._verify_resumed(d)
+        self.checkpoints.verify_resumed(d, self.cluster_digest(), self.step, self.epoch)
         return True
 
     def cluster_digest(self) -> dict:
@@ -561,19 +532,8 @@ class TrainRecipe:
                     "assignment_sha1": hashlib.sha1(st.assignment.cpu().numpy().tobytes()).hexdigest()}
                 for t, st in ((t, self.cel.cluster_states[t]) for t in self.cel.clustered_tables)}
 
-    def _verify_resumed(self, directory: pathlib.Path) -> None:
-        meta_file = directory / "meta.json"
-        saved = json.loads(meta_file.read_text()).get("cluster_state") if meta_file.exists() else None
-        now = self.cluster_digest()
-        if saved is not None and saved != now:
-            raise RuntimeError(f"{directory}: cluster state after loading differs from the one saved")
-        if self.env.is_main:
-            with open(self.run_dir / "resumes.jsonl", "a") as f:
-                f.write(json.dumps({"from": str(directory), "step": self.step, "epoch": self.epoch,
-                                    "cluster_state": now, "verified": saved is not None}) + "\n")
-
     def load_checkpoint(self, directory: pathlib.Path) -> None:
-        state = torch.load(directory / "state.pt", map_location=self.env.device, weights_only=False)
+        state = self.checkpoints.load(directory)
         if state.get("world_size", 1) != self.env.world_size:
             raise ValueError(
                 f"{directory}: checkpoint written by {state.get('world_size', 1)} processes, this run "
@@ -604,9 +564,9 @@ class TrainRecipe:
                 self.cel.restore_split_window(t, w["candidates"], w["entities"], w["grads"],
                                               w.get("counts"))
         if self.recent is not None:
-            buffered = directory / f"lite_recent_rank{self.env.rank}.pt"
-            if buffered.exists():
-                self.recent.load_state_dict(torch.load(buffered, weights_only=False))
+            buffered = self.checkpoints.load_rank_file(directory, "lite_recent")
+            if buffered is not None:
+                self.recent.load_state_dict(buffered)
             else:                        # a checkpoint from before buffers were saved
                 self.recent.clear()
 
