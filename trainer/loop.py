@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import time
 from typing import Any, Callable, Iterator
@@ -23,7 +22,7 @@ from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.builders import CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset
 from trainer.checkpointing import CheckpointClient
 from trainer.config import TrainConfig, config_to_dict
-from trainer.dist import DistEnv, all_reduce_, barrier, init_single_process_group
+from trainer.dist import DistEnv, all_reduce_, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model
 from trainer.planted import planted_metrics, setup_planted
