@@ -8,7 +8,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,43 +17,17 @@ from cel_torchrec.modules import ClusteredEmbeddingBagCollection, FullEmbeddingB
 from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInteractions,
                                  coverage_window_steps, per_sample_loss, resolve_reassign_mode,
                                  run_reassignment, run_split)
-from data_pipeline.collate import to_kjt
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.builders import CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset
 from trainer.checkpointing import CheckpointClient
 from trainer.config import TrainConfig, config_to_dict
-from trainer.dist import DistEnv, all_reduce_, init_single_process_group
+from trainer.dist import DistEnv, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import build_model
 from trainer.planted import planted_metrics, setup_planted
+from trainer.sources import BatchSource, local_source, padded, synchronised
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
-
-class BatchSource:
-    """This rank's training or evaluation batches, as (KJT, dense, label) on the device."""
-
-    def __init__(self, make_iter: Callable[[int], Iterator[dict]], device: torch.device):
-        self._make_iter = make_iter
-        self._device = device
-
-    def epoch(self, epoch: int) -> Iterator[tuple]:
-        for batch in self._make_iter(epoch):
-            kjt, dense, label = to_kjt(batch)
-            yield (kjt.to(self._device), None if dense is None else dense.to(self._device),
-                   label.to(self._device))
-
-
-def local_source(path: pathlib.Path, batch_size: int, env: DistEnv, shuffle: bool,
-                 seed: int) -> BatchSource:
-    from data_pipeline.local import ParquetBatchReader
-    reader = ParquetBatchReader(str(path), batch_size=batch_size, rank=env.rank,
-                                world_size=env.world_size, shuffle=shuffle, seed=seed)
-
-    def make(epoch: int):
-        reader.set_epoch(epoch)
-        return iter(reader)
-    return BatchSource(make, env.device)
-
 
 # ----------------------------------------------------------------------------- the recipe
 class TrainRecipe:
@@ -221,7 +195,7 @@ class TrainRecipe:
         while self.epoch < cfg.train.epochs and (max_steps is None or self.step < max_steps):
             self.emb.train(), self.model.train()
             epoch_loss, epoch_batches = 0.0, 0
-            for kjt, dense, label in self._synchronised(self.train_source.epoch(self.epoch)):
+            for kjt, dense, label in synchronised(self.train_source.epoch(self.epoch), self.env):
                 loss = self._train_step(kjt, dense, label)
                 epoch_loss += loss
                 epoch_batches += 1
@@ -250,44 +224,6 @@ class TrainRecipe:
             t_start = time.perf_counter()
             samples = 0
         return self.finish()
-
-    def _synchronised(self, batches: Iterator[tuple]) -> Iterator[tuple]:
-        """Stop every rank as soon as one rank runs out of batches (equal step counts keep the
-        collectives of sharded training and cluster phases aligned)."""
-        if not self.env.distributed:
-            yield from batches
-            return
-        it = iter(batches)
-        while True:
-            item = next(it, None)
-            have = torch.tensor([0 if item is None else 1])
-            all_reduce_(have, self.env, op="min")
-            if int(have) == 0:
-                return
-            yield item
-
-    def _padded(self, batches: Iterator[tuple]) -> Iterator[tuple]:
-        """(kjt, dense, label, valid) until every rank is done: a rank that runs out repeats its
-        last batch with valid=False, so the sharded lookups' collectives stay matched and every
-        row is still read exactly once."""
-        if not self.env.distributed:
-            for item in batches:
-                yield (*item, True)
-            return
-        it, last = iter(batches), None
-        while True:
-            item = next(it, None)
-            have = torch.tensor([0 if item is None else 1])
-            all_reduce_(have, self.env, op="max")
-            if int(have) == 0:
-                return
-            if item is None:
-                if last is None:
-                    raise RuntimeError(f"rank {self.env.rank} has no evaluation data to pad with")
-                yield (*last, False)
-            else:
-                last = item
-                yield (*item, True)
 
     def _train_step(self, kjt, dense, label) -> float:
         embs = self.emb(kjt).to_dict()
@@ -356,7 +292,7 @@ class TrainRecipe:
         # windows and the Lite buffer are at their fullest right before the phases
         self.state_bytes_peak = max(self.state_bytes_peak, self.embedding_state_bytes())
         if REASSIGN in actions and self.recent is not None:
-            recent = list(self._padded(iter(self.recent)))     # equal batch counts on every rank
+            recent = list(padded(iter(self.recent), self.env))     # equal batch counts on every rank
         for table in self.cel.clustered_tables:
             if table in split_tables:
                 reports.append(run_split(self.cel, table, self.optimizer,
@@ -365,7 +301,7 @@ class TrainRecipe:
                 key = CONFIG_KEY_OF_TABLE[table]
                 _, rep = run_reassignment(
                     self.cel, self.interaction_model,
-                    lambda: self._padded(self.reassign_source.epoch(0)), table,
+                    lambda: padded(self.reassign_source.epoch(0), self.env), table,
                     loss=self.cfg.train.loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
@@ -435,7 +371,7 @@ class TrainRecipe:
                                 item_train_counts=self.item_counts,
                                 cold_threshold=self.cfg.data.cold_threshold)
         source = self.val_source if split == "val" else self._source(split, self.cfg.data.eval_batch_size, False)
-        for kjt, dense, label, valid in self._padded(source.epoch(0)):
+        for kjt, dense, label, valid in padded(source.epoch(0), self.env):
             pred = self.interaction_model(self.emb(kjt).to_dict(), dense)
             if valid:
                 acc.update(pred.cpu(), label.cpu(), kjt["user_id"].values().cpu(),
