@@ -22,17 +22,7 @@ from typing import Any
 
 import torch
 
-# train.optimizer -> (FBGEMM EmbOptimType name, devices it runs on)
-FUSED_KINDS = {"adagrad": ("EXACT_ADAGRAD", ("cpu", "cuda")),
-               "sgd": ("EXACT_SGD", ("cpu", "cuda")),
-               "adam": ("ADAM", ("cuda",))}
-TORCH_NAMES = {"adagrad": "Adagrad", "sgd": "SGD", "adam": "Adam"}
-# torch's defaults, passed to FBGEMM so both paths compute the same update (FBGEMM's own eps
-# default is 1e-8; torch.optim.Adagrad's is 1e-10; both start the accumulator at 0)
-TORCH_DEFAULTS = {"adagrad": {"eps": 1e-10},
-                  "sgd": {},
-                  "adam": {"eps": 1e-8, "beta1": 0.9, "beta2": 0.999}}
-
+from cel_torchrec.distributed import FUSED_KINDS, TORCH_NAMES, fused_params
 
 @dataclass(frozen=True)
 class TableUpdate:
@@ -53,9 +43,7 @@ class TableUpdate:
 
     def fused_params(self, lr: float) -> dict[str, Any]:
         """The sharder's `fused_params`: FBGEMM's optimizer of the same kind, torch's defaults."""
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        return {"optimizer": getattr(EmbOptimType, FUSED_KINDS[self.optimizer][0]),
-                "learning_rate": lr, **TORCH_DEFAULTS[self.optimizer]}
+        return fused_params(self.optimizer, lr)
 
     def describe(self, world_size: int, sharding: str) -> str:
         """The one startup line that says how the tables are updated."""

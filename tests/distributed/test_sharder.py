@@ -24,3 +24,16 @@ def test_sharder_composes_the_stock_sharder_and_allows_row_wise_on_cpu():
     kinds = [type(s) for s in cel_sharders()]
     assert kinds[0] is ClusteredEmbeddingBagCollectionSharder
     assert sum(issubclass(k, EmbeddingBagCollectionSharder) for k in kinds) == 1
+
+
+def test_fused_params_map_torch_optimizers_to_fbgemm_with_torch_defaults():
+    import pytest
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    from cel_torchrec.distributed import fused_params
+    assert fused_params("adagrad", 0.05) == {"optimizer": EmbOptimType.EXACT_ADAGRAD,
+                                             "learning_rate": 0.05, "eps": 1e-10}
+    assert fused_params("sgd", 0.1) == {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    assert fused_params("adam", 0.01)["optimizer"] == EmbOptimType.ADAM
+    with pytest.raises(ValueError, match="no fused FBGEMM optimizer for 'rmsprop'"):
+        fused_params("rmsprop", 0.1)
