@@ -39,6 +39,15 @@ def local_source(path: pathlib.Path, batch_size: int, env: DistEnv, shuffle: boo
     return BatchSource(make, env.device)
 
 
+def _next_on_all_ranks(it: Iterator[tuple], env: DistEnv, op: str) -> tuple[tuple | None, bool]:
+    """This rank's next item (None when it has run out) and whether the ranks go on: with
+    `op="min"` only while every rank has an item, with `op="max"` while any rank has one."""
+    item = next(it, None)
+    have = torch.tensor([0 if item is None else 1])
+    all_reduce_(have, env, op=op)
+    return item, int(have) != 0
+
+
 def synchronised(batches: Iterator[tuple], env: DistEnv) -> Iterator[tuple]:
     """Stop every rank as soon as one rank runs out of batches (equal step counts keep the
     collectives of sharded training and cluster phases aligned)."""
@@ -47,10 +56,8 @@ def synchronised(batches: Iterator[tuple], env: DistEnv) -> Iterator[tuple]:
         return
     it = iter(batches)
     while True:
-        item = next(it, None)
-        have = torch.tensor([0 if item is None else 1])
-        all_reduce_(have, env, op="min")
-        if int(have) == 0:
+        item, go_on = _next_on_all_ranks(it, env, "min")
+        if not go_on:
             return
         yield item
 
@@ -65,10 +72,8 @@ def padded(batches: Iterator[tuple], env: DistEnv) -> Iterator[tuple]:
         return
     it, last = iter(batches), None
     while True:
-        item = next(it, None)
-        have = torch.tensor([0 if item is None else 1])
-        all_reduce_(have, env, op="max")
-        if int(have) == 0:
+        item, go_on = _next_on_all_ranks(it, env, "max")
+        if not go_on:
             return
         if item is None:
             if last is None:
