@@ -30,13 +30,14 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from cel_torchrec.algorithm import ReassignPlan, cluster_grad_scale
+from cel_torchrec.algorithm import ReassignPlan
 from cel_torchrec.choices import BATCH_SCOPES
 from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusterAccess, ClusteredEmbeddingBagCollection,
                                                 ClusteringConfig, ClusterStates, RemappedFeature,
-                                                attach_cluster_grad_hook, make_split_windows,
-                                                reset_window_sums)
+                                                attach_cluster_grad_hook, combine_per_id,
+                                                make_split_windows, per_id_layout,
+                                                reset_window_sums, table_grad_scales)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ClusteredEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 
     cel_plans: list = field(default_factory=list)
     cel_global_counts: "_GlobalDistinctMembers | None" = None
+    cel_batch: int = 0                 # the local batch size (the lookup's stride may be larger)
+    cel_multi_hot: list = field(default_factory=list)    # features looked up per id as well
 
 
 class GroupReduction:
@@ -106,7 +109,7 @@ class ShardedClusteredEmbeddingBagCollection(
         self._reduction = GroupReduction(self._pg)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
-        self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
+        self._last_cluster_ids: dict[str, list[tuple]] = {}
         # interactions counted on this rank since the last sync (the replicated buffer
         # `entity_interactions` only ever holds globally summed counts)
         self._pending_interactions = {
@@ -125,7 +128,12 @@ class ShardedClusteredEmbeddingBagCollection(
         # replicated map, local batch, before any all-to-all
         remapped, slices = self._remapper.remap(features)
         if self.training and torch.is_grad_enabled() and slices:
+            ctx.cel_batch = features.stride()
             ctx.cel_plans = self._hook_plans(ctx, features.stride(), slices)
+            if any(f.multi_hot for f in slices):
+                # ranks may differ in stride: TorchRec's input dist carries each rank's
+                ctx.cel_multi_hot = slices
+                remapped = per_id_layout(remapped, slices)[0]
         return self._embedding_bag_collection.input_dist(ctx, remapped)
 
     def compute(self, ctx: ClusteredEmbeddingBagCollectionContext, dist_input: KJTList
@@ -167,18 +175,16 @@ class ShardedClusteredEmbeddingBagCollection(
                                                        self._pg)
         ctx.cel_global_counts = global_counts
         self._last_cluster_ids = {}
-        for key, table, entity_ids, cluster_ids in slices:
-            pending = self._pending_interactions[table]
-            pending.index_add_(0, entity_ids.long(), torch.ones_like(entity_ids, dtype=torch.int32))
-            self._last_cluster_ids.setdefault(table, []).append(cluster_ids)
-            if global_counts is not None and key in global_counts.keys:
+        local = table_grad_scales(slices, self._remapper.states, self._clustering)
+        for f, scale in zip(slices, local):
+            pending = self._pending_interactions[f.table]
+            pending.index_add_(0, f.entity_ids.long(),
+                               torch.ones_like(f.entity_ids, dtype=torch.int32))
+            self._last_cluster_ids.setdefault(f.table, []).append((f.cluster_ids, f.sample))
+            if global_counts is not None and f.key in global_counts.keys:
                 # counted in backward, from the all-gather run after the input dist
-                scale = functools.partial(global_counts.grad_scale, key, cluster_ids)
-            else:
-                scale = cluster_grad_scale(entity_ids, cluster_ids,
-                                           self._remapper.states[table].member_counts(),
-                                           self._clustering[table].grad_average)
-            plans.append((key, table, entity_ids, cluster_ids, scale))
+                scale = functools.partial(global_counts.grad_scale, f.key, f.cluster_ids)
+            plans.append((f, scale))
         return plans
 
     @staticmethod
@@ -193,12 +199,17 @@ class ShardedClusteredEmbeddingBagCollection(
     def _with_hook(self, ctx: ClusteredEmbeddingBagCollectionContext,
                    awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
         if ctx.cel_plans:
-            plans = ctx.cel_plans
-            awaitable.callbacks.append(lambda kt: self._attach_hook(plans, kt))
+            plans, batch, multi_hot = ctx.cel_plans, ctx.cel_batch, ctx.cel_multi_hot
+            awaitable.callbacks.append(lambda kt: self._attach_hook(plans, batch, kt))
+            if multi_hot:
+                awaitable.callbacks.append(lambda kt: combine_per_id(kt, batch, multi_hot))
         return awaitable
 
-    def _attach_hook(self, plans: list, kt: KeyedTensor) -> KeyedTensor:
-        return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
+    def _attach_hook(self, plans: list, batch: int, kt: KeyedTensor) -> KeyedTensor:
+        return attach_cluster_grad_hook(kt, batch, plans, self._windows, self._cluster_grad_sum)
+
+    def is_weighted(self) -> bool:
+        return self._remapper.is_weighted
 
     # ------------------------------------------------------------------ same API as unsharded
     @property
@@ -354,11 +365,14 @@ class _GlobalDistinctMembers:
         self._states = states
         self._group = group
         self.keys: dict[str, tuple[str, int]] = {}          # key -> (table, id offset)
+        offset: dict[str, int] = {}                          # table -> id offset
         parts, base = [], 0
         for f in features:      # raw ids: one dedup over the gathered ids does all the work
-            self.keys[f.key] = (f.table, base)
-            parts.append(f.entity_ids.long() + base)
-            base += states[f.table].num_entities
+            if f.table not in offset:       # a table's features share its id range
+                offset[f.table] = base
+                base += states[f.table].num_entities
+            self.keys[f.key] = (f.table, offset[f.table])
+            parts.append(f.entity_ids.long() + offset[f.table])
         self._local = torch.cat(parts)
         self._gathered: torch.Tensor | None = None
         self._counts: dict[str, torch.Tensor] | None = None
@@ -385,13 +399,18 @@ class _GlobalDistinctMembers:
             # faster than torch.unique on CPU)
             everyone = torch.unique_consecutive(torch.sort(self._gathered).values)
             self._counts = {}
+            per_table: dict[str, torch.Tensor] = {}
             for key, (table, start) in self.keys.items():
+                if table in per_table:
+                    self._counts[key] = per_table[table]
+                    continue
                 state = self._states[table]
                 bounds = torch.tensor([start, start + state.num_entities], device=everyone.device)
                 lo, hi = torch.searchsorted(everyone, bounds).tolist()
                 # gather then widen: never convert the whole O(entities) map per step
                 clusters = state.assignment.index_select(0, everyone[lo:hi] - start).long()
-                self._counts[key] = torch.bincount(clusters, minlength=state.capacity)
+                self._counts[key] = per_table[table] = torch.bincount(clusters,
+                                                                       minlength=state.capacity)
         return self._counts
 
     def grad_scale(self, key: str, cluster_ids: torch.Tensor) -> torch.Tensor:

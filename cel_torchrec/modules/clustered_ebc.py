@@ -90,20 +90,31 @@ class ClusterStates(nn.Module):
 
 
 class RemappedFeature(NamedTuple):
-    """One clustered feature of a remapped batch: its entity ids and their cluster ids (int64)."""
+    """One clustered feature of a remapped batch: its entity ids and their cluster ids (int64,
+    one per id of the feature's bags), and how each id's embedding enters its bag's pooled
+    output. `sample`: the bag (sample) of each id, None when every bag holds exactly one id (id
+    i is sample i). `share`: each id's factor in its bag's pooled output, i.e. its share of the
+    bag's gradient (its KJT weight; `1 / bag length` under MEAN pooling), None where all are 1."""
 
     key: str
     table: str
     entity_ids: torch.Tensor
     cluster_ids: torch.Tensor
+    sample: torch.Tensor | None = None
+    share: torch.Tensor | None = None
+
+    @property
+    def multi_hot(self) -> bool:
+        return self.sample is not None
 
 
 class ClusterRemapper(nn.Module):
     """Per clustered table: its ClusterState; `forward` maps a KJT's entity ids to cluster ids."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
-                 device: torch.device | None = None, seed: int = 0):
+                 device: torch.device | None = None, seed: int = 0, is_weighted: bool = False):
         super().__init__()
+        self.is_weighted = bool(is_weighted)
         names = {t.name for t in tables}
         unknown = set(clustering) - names
         if unknown:
@@ -111,12 +122,19 @@ class ClusterRemapper(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.states = ClusterStates()
         self.feature_to_table: dict[str, str] = {}
+        self.mean_pooled: set[str] = set()          # clustered tables with MEAN pooling
         for t in tables:
             if t.name not in clustering:
                 continue
             cfg = clustering[t.name]
-            if t.pooling != PoolingType.SUM:
-                raise ValueError(f"clustered table {t.name!r} must use SUM pooling")
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"clustered table {t.name!r}: pooling must be SUM or MEAN, "
+                                 f"got {t.pooling}")
+            if t.pooling == PoolingType.MEAN:
+                if self.is_weighted:
+                    raise ValueError(f"clustered table {t.name!r}: weighted MEAN pooling is not "
+                                     f"supported (TorchRec's EmbeddingBag weighs SUM bags only)")
+                self.mean_pooled.add(t.name)
             self.states[t.name] = ClusterState(t.num_embeddings, cfg.max_clusters, cfg.init_clusters,
                                                generator=generator, device=device)
             for f in t.feature_names:
@@ -135,33 +153,102 @@ class ClusterRemapper(nn.Module):
               ) -> tuple[KeyedJaggedTensor, list[RemappedFeature]]:
         """The KJT with every clustered feature's entity ids replaced by cluster ids, and per
         clustered feature its entity and cluster ids (slices of the KJT's values, so the gradient
-        hook needs no `to_dict()` of either KJT)."""
+        hook needs no `to_dict()` of either KJT) with each id's bag and pooling share."""
+        weights = features.weights_or_none()
+        if (weights is not None) != self.is_weighted:
+            raise ValueError("the KJT carries weights but the collection was built with "
+                             "is_weighted=False (they would be ignored)" if weights is not None
+                             else "the collection is weighted (is_weighted=True) but the KJT "
+                             "carries no weights")
         if not self.feature_to_table:
             return features, []
         values = features.values()
         offsets = features.offset_per_key()
         new_values = values.clone()
         remapped = []
-        weighted = features.weights_or_none() is not None
         for i, key in enumerate(features.keys()):      # loop over features, not entities
             table = self.feature_to_table.get(key)
             if table is None:
                 continue
-            if weighted:
-                raise ValueError(f"clustered feature {key!r}: KJT weights are not supported "
-                                 f"(per-cluster averaging and split gradients assume unweighted "
-                                 f"one-id bags); drop the weights or leave the table unclustered")
             start, end = offsets[i], offsets[i + 1]
             ids = values[start:end]
             state = self.states[table]
-            check_feature_ids(key, ids, _key_lengths(features, i), state.num_entities)
+            lengths = _key_lengths(features, i)
+            one_hot = check_feature_ids(key, ids, lengths, state.num_entities)
             cluster_ids = remap_ids(state.assignment, ids)
             new_values[start:end] = cluster_ids.to(values.dtype)
-            remapped.append(RemappedFeature(key, table, ids, cluster_ids))
+            sample = share = None
+            if not one_hot:
+                sample = torch.repeat_interleave(
+                    torch.arange(lengths.numel(), device=ids.device), lengths.long(),
+                    output_size=ids.numel())
+                if table in self.mean_pooled:
+                    share = 1.0 / lengths.float().clamp_min(1).index_select(0, sample)
+            if weights is not None:
+                w = weights[start:end].float()
+                share = w if share is None else share * w
+            remapped.append(RemappedFeature(key, table, ids, cluster_ids, sample, share))
         kjt = KeyedJaggedTensor(keys=features.keys(), values=new_values,
                                 lengths=features.lengths(), offsets=features.offsets(),
-                                weights=features.weights_or_none(), stride=features.stride())
+                                weights=weights, stride=features.stride())
         return kjt, remapped
+
+
+def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature]
+                  ) -> tuple[KeyedJaggedTensor, int]:
+    """The lookup KJT of a training batch with multi-hot clustered features: the batch's `B`
+    bags as they are, followed, for every multi-hot clustered feature, by one single-id bag per
+    id (rows `B .. B + n`; other features get empty bags there), stride `B + max n`. One stock
+    lookup then gives both the pooled values (first `B` rows) and each id's own row, through
+    which its exact gradient share flows (see `combine_per_id`). Batch-sized work."""
+    expanded = {f.key for f in remapped if f.multi_hot}
+    batch = kjt.stride()
+    n_max = max(int(f.entity_ids.numel()) for f in remapped if f.multi_hot)
+    stride = batch + n_max
+    values, lengths, offsets = kjt.values(), kjt.lengths(), kjt.offset_per_key()
+    weights = kjt.weights_or_none()
+    vals, lens, wts = [], [], []
+    for i, key in enumerate(kjt.keys()):                 # a loop over features
+        v = values[offsets[i]:offsets[i + 1]]
+        vals.append(v)
+        lens.append(lengths[i * batch:(i + 1) * batch])
+        if weights is not None:
+            wts.append(weights[offsets[i]:offsets[i + 1]])
+        n = int(v.numel()) if key in expanded else 0
+        if n:
+            vals.append(v)
+            lens.append(torch.ones(n, dtype=lengths.dtype, device=lengths.device))
+            if weights is not None:
+                wts.append(torch.ones(n, dtype=weights.dtype, device=weights.device))
+        lens.append(torch.zeros(stride - batch - n, dtype=lengths.dtype, device=lengths.device))
+    out = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(vals), lengths=torch.cat(lens),
+                            weights=torch.cat(wts) if weights is not None else None,
+                            stride=stride)
+    return out, stride
+
+
+def combine_per_id(kt: KeyedTensor, batch: int, remapped: list[RemappedFeature]) -> KeyedTensor:
+    """The `[batch, W]` pooled output of a `per_id_layout` lookup: every feature's pooled value
+    is its first `batch` rows, exactly as the stock lookup pools them; for a multi-hot clustered
+    feature the gradient bypasses those rows and reaches each id's own row scaled by its share
+    (`value.detach() + sum_j share_j (row_j - row_j.detach())`), so each id gets exactly its
+    share of its bag's gradient (the fused optimizer sees zero for the pooled rows' ids, which
+    are the same rows)."""
+    by_key = {f.key: f for f in remapped if f.multi_hot}
+    values = kt.values()
+    parts = []
+    for key, (a, b) in zip(kt.keys(), _column_ranges(kt.length_per_key())):
+        f = by_key.get(key)
+        pooled = values[:batch, a:b]
+        if f is not None:
+            rows = values[batch:batch + f.entity_ids.numel(), a:b]
+            delta = rows - rows.detach()
+            if f.share is not None:
+                delta = delta * f.share[:, None].to(delta.dtype)
+            pooled = pooled.detach() + torch.zeros_like(pooled).index_add(0, f.sample, delta)
+        parts.append(pooled)
+    return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(),
+                       values=torch.cat(parts, dim=1), key_dim=kt.key_dim())
 
 
 class _GradHook(torch.autograd.Function):
@@ -199,8 +286,8 @@ class ClusterAccess:
     reading the per-table clustering state, the per-cluster loss sums of the split criteria, and
     the split windows and splits themselves, with the cross-process reduction injected as
     `_reduction` (`LocalReduction` unsharded). A mixin: needs `_remapper`, `_clustering`,
-    `_tables`, `_windows`, `_last_cluster_ids` (table -> the last training batch's cluster ids,
-    one tensor per feature), `_cluster_grad_sum`, `_cluster_loss_sum`, `_reduction`,
+    `_tables`, `_windows`, `_last_cluster_ids` (table -> the last training batch's
+    `(cluster ids, their samples or None)`, one pair per feature), `_cluster_grad_sum`, `_cluster_loss_sum`, `_reduction`,
     `_table_dim(table)` and `copy_rows`."""
 
     @property
@@ -226,11 +313,12 @@ class ClusterAccess:
         """Add the last training batch's per-sample losses (this rank's) to the per-cluster loss
         sums the `loss` / `mean_loss` split criteria read (summed over ranks when the next split
         window opens)."""
+        loss = per_sample_loss.detach().float()
         for table, per_feature in self._last_cluster_ids.items():
             acc = self._cluster_loss_sum.get(table)
             if acc is not None:     # a table shared by several features: each feature's ids
-                for cluster_ids in per_feature:
-                    acc.index_add_(0, cluster_ids, per_sample_loss.detach().float())
+                for cluster_ids, sample in per_feature:      # (multi-hot: each id its bag's)
+                    acc.index_add_(0, cluster_ids, loss if sample is None else loss[sample])
 
     # ------------------------------------------------------------------ split windows
     def _sync_before_window(self, table: str) -> None:
@@ -316,19 +404,24 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
     entities. Same KJT in, same KeyedTensor out as the stock collection built from `tables`
     (where each clustered table's `num_embeddings` is its number of entities).
 
-    Clustered features must carry exactly one id per sample (pooled bags of several entity ids
-    cannot be averaged per cluster)."""
-
+    Bags of any length (empty included) under SUM or MEAN pooling, weighted (`is_weighted`,
+    SUM only, as TorchRec's) or not: every id of a bag is one interaction of its entity and gets
+    exactly its share of the bag's gradient, both for the per-cluster averaging and for the
+    gradients a split window records. A training batch whose clustered bags all hold one id
+    takes the direct path; any other is looked up with one extra single-id bag per id of its
+    multi-hot clustered features (`per_id_layout`), still one stock lookup."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
-                 device: torch.device | None = None, seed: int = 0):
+                 device: torch.device | None = None, seed: int = 0, is_weighted: bool = False):
         super().__init__()
         self._tables = list(tables)
         self._clustering = dict(clustering)
-        self._remapper = ClusterRemapper(tables, clustering, device=device, seed=seed)
+        self._remapper = ClusterRemapper(tables, clustering, device=device, seed=seed,
+                                         is_weighted=is_weighted)
         cluster_tables = [dataclasses.replace(t, num_embeddings=clustering[t.name].max_clusters)
                           if t.name in clustering else t for t in tables]
-        self._embedding_bag_collection = EmbeddingBagCollection(tables=cluster_tables, device=device)
+        self._embedding_bag_collection = EmbeddingBagCollection(
+            tables=cluster_tables, is_weighted=is_weighted, device=device)
         # optional per-entity scalars outside the clusters (see ClusteringConfig.entity_bias_column)
         self.entity_biases = nn.ParameterDict()
         widths = {t.name: t.embedding_dim for t in tables}
@@ -348,10 +441,13 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
         self._reduction = LocalReduction()
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
         self._cluster_loss_sum: dict[str, torch.Tensor] = {}
-        self._last_cluster_ids: dict[str, list[torch.Tensor]] = {}
+        self._last_cluster_ids: dict[str, list[tuple]] = {}
         for name, state in self._remapper.states.as_dict().items():
             reset_window_sums(self._cluster_grad_sum, self._cluster_loss_sum, name,
                               clustering[name], state.capacity, widths[name], device)
+
+    def is_weighted(self) -> bool:
+        return self._remapper.is_weighted
 
     # ------------------------------------------------------------------ lookup
     def _table_dim(self, table: str) -> int:
@@ -362,9 +458,16 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         remapped, slices = self._remapper.remap(features)
-        kt = self._embedding_bag_collection(remapped)
         if self.training and torch.is_grad_enabled() and slices:
-            kt = self._attach_cluster_hooks(features.stride(), slices, kt)
+            batch = features.stride()
+            multi_hot = any(f.multi_hot for f in slices)
+            kt = self._embedding_bag_collection(per_id_layout(remapped, slices)[0] if multi_hot
+                                                else remapped)
+            kt = self._attach_cluster_hooks(batch, slices, kt)
+            if multi_hot:
+                kt = combine_per_id(kt, batch, slices)
+        else:
+            kt = self._embedding_bag_collection(remapped)
         if len(self.entity_biases):
             kt = self._add_entity_biases(slices, kt)
         return kt
@@ -375,11 +478,17 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
         columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
         values = kt.values()
         cols, adds = [], []
-        for key, table, entity_ids, _ in slices:
-            if table not in self.entity_biases:
+        for f in slices:
+            if f.table not in self.entity_biases:
                 continue
-            cols.append(columns[key][0] + self._clustering[table].entity_bias_column)
-            adds.append(self.entity_biases[table][entity_ids.long()])
+            cols.append(columns[f.key][0] + self._clustering[f.table].entity_bias_column)
+            bias = self.entity_biases[f.table][f.entity_ids.long()]
+            if f.share is not None:
+                bias = bias * f.share.to(bias.dtype)
+            if f.multi_hot:           # a bag's entity biases pool like its rows
+                bias = torch.zeros(values.shape[0], dtype=bias.dtype,
+                                   device=bias.device).index_add(0, f.sample, bias)
+            adds.append(bias)
         if not cols:
             return kt
         extra = torch.zeros(values.shape[1], len(cols), dtype=values.dtype, device=values.device)
@@ -403,14 +512,13 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
                               kt: KeyedTensor) -> KeyedTensor:
         plans = []
         self._last_cluster_ids = {}
-        for key, table, entity_ids, cluster_ids in slices:
-            state = self._remapper.states[table]
-            state.count_interactions(entity_ids)
-            self._last_cluster_ids.setdefault(table, []).append(cluster_ids)
-            scale = cluster_grad_scale(entity_ids, cluster_ids, state.member_counts(),
-                                       self._clustering[table].grad_average)
-            plans.append((key, table, entity_ids, cluster_ids, scale))
-        return attach_cluster_grad_hook(kt, plans, self._windows, self._cluster_grad_sum)
+        for f in slices:
+            state = self._remapper.states[f.table]
+            state.count_interactions(f.entity_ids)
+            self._last_cluster_ids.setdefault(f.table, []).append((f.cluster_ids, f.sample))
+        scales = table_grad_scales(slices, self._remapper.states, self._clustering)
+        plans = [(f, scale) for f, scale in zip(slices, scales)]
+        return attach_cluster_grad_hook(kt, batch, plans, self._windows, self._cluster_grad_sum)
 
     # --------------------------------------------------------------- cluster ops
     def cluster_rows(self, table: str) -> torch.Tensor:
@@ -448,36 +556,60 @@ class ClusteredEmbeddingBagCollection(ClusterAccess, nn.Module):
         return int(total)
 
 
-def attach_cluster_grad_hook(kt: KeyedTensor, plans: list, windows: dict,
+def attach_cluster_grad_hook(kt: KeyedTensor, batch: int, plans: list, windows: dict,
                              cluster_grad_sum: dict) -> KeyedTensor:
-    """Wrap the pooled output so that its backward, per clustered feature in `plans`
-    (`(key, table, entity_ids, cluster_ids, scale)`), records the unscaled per-entity gradients
-    into the table's open split window, scales each sample's gradient by `scale` (per-cluster
-    averaging; a tensor, or a callable giving it when it depends on a collective still in flight)
-    and adds the averaged gradients to the table's per-cluster sums. Shared by the unsharded
-    module and its sharded twin."""
+    """Wrap the lookup output so that its backward, per clustered feature in `plans`
+    (`(RemappedFeature, scale)`), records each id's gradient (its share of its bag's) into the
+    table's open split window, scales it by `scale` (per-cluster averaging, one factor per id; a
+    tensor, or a callable giving it when it depends on a collective still in flight) and adds
+    the averaged gradients to the table's per-cluster sums. A one-hot feature's gradients are
+    its first `batch` rows; a multi-hot feature's are its per-id rows `batch .. batch + n` of a
+    `per_id_layout` lookup, which already carry the shares. Shared by the unsharded module and
+    its sharded twin."""
     columns = dict(zip(kt.keys(), _column_ranges(kt.length_per_key())))
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         out = grad.clone()
-        for key, table, entity_ids, cluster_ids, scale in plans:
-            a, b = columns[key]
-            window = windows.get(table)
+        for f, scale in plans:
+            a, b = columns[f.key]
+            rows = slice(batch, batch + f.entity_ids.numel()) if f.multi_hot else slice(0, batch)
+            share = grad[rows, a:b]
+            if not f.multi_hot and f.share is not None:
+                share = share * f.share[:, None].to(grad.dtype)
+            window = windows.get(f.table)
             if window is not None:
-                window.record(entity_ids, cluster_ids, grad[:, a:b])
+                window.record(f.entity_ids, f.cluster_ids, share)
             if callable(scale):
                 scale = scale()
-            averaged = out[:, a:b]
+            averaged = out[rows, a:b]
             averaged.mul_(scale[:, None].to(grad.dtype))
-            acc = cluster_grad_sum.get(table)
+            acc = cluster_grad_sum.get(f.table)
             if acc is not None:
                 # contiguous: index_add_ from a strided column slice is ~4x slower on CPU
-                acc.index_add_(0, cluster_ids, averaged.detach().float().contiguous())
+                acc.index_add_(0, f.cluster_ids,
+                               (share * scale[:, None].to(grad.dtype)).detach().float().contiguous())
         return out
 
     values = _GradHook.apply(kt.values(), hook)
     return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values,
                        key_dim=kt.key_dim())
+
+
+def table_grad_scales(slices: list[RemappedFeature], states: ClusterStates,
+                      clustering: dict[str, ClusteringConfig]) -> list[torch.Tensor]:
+    """Each id's averaging factor (`cluster_grad_scale`), per feature of `slices`; a table
+    looked up by several features counts its clusters' distinct members over all of them."""
+    by_table: dict[str, list[RemappedFeature]] = {}
+    for f in slices:
+        by_table.setdefault(f.table, []).append(f)
+    scale_of: dict[str, list[torch.Tensor]] = {}
+    for table, feats in by_table.items():       # a loop over tables
+        entity_ids = torch.cat([f.entity_ids for f in feats]) if len(feats) > 1 else feats[0].entity_ids
+        cluster_ids = torch.cat([f.cluster_ids for f in feats]) if len(feats) > 1 else feats[0].cluster_ids
+        scale = cluster_grad_scale(entity_ids, cluster_ids, states[table].member_counts(),
+                                   clustering[table].grad_average)
+        scale_of[table] = list(scale.split([f.entity_ids.numel() for f in feats]))
+    return [scale_of[f.table].pop(0) for f in slices]
 
 
 def make_split_windows(tables: list[EmbeddingBagConfig], clustering: dict[str, ClusteringConfig],
@@ -528,28 +660,24 @@ def _key_lengths(features: KeyedJaggedTensor, index: int) -> torch.Tensor:
 
 
 def check_feature_ids(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor,
-                      num_entities: int) -> None:
-    """A clustered feature carries exactly one entity id per sample (see the class docstring):
-    every bag of length 1, not merely as many ids as samples (bags `[2, 1, 0]` hold 3 ids for 3
-    samples, and would pair per-sample gradients with the wrong entities); and every id lies in
-    `[0, num_entities)`. One host read for both checks."""
+                      num_entities: int) -> bool:
+    """Every id of a clustered feature lies in `[0, num_entities)`; returns whether every bag
+    holds exactly one id (the direct lookup path). One host read for both."""
     parts = ([*torch.aminmax(lengths)] if lengths.numel() else []) + \
             ([*torch.aminmax(entity_ids)] if entity_ids.numel() else [])
     if not parts:
-        return
+        return True
     bounds = torch.stack([p.long() for p in parts]).tolist()
+    one_hot = True
     if lengths.numel():
         (low, high), bounds = bounds[:2], bounds[2:]
-        if low != 1 or high != 1:
-            raise ValueError(f"clustered feature {key!r} needs exactly one id per sample (bag "
-                             f"lengths from {low} to {high}, {entity_ids.numel()} ids for "
-                             f"{lengths.numel()} samples); multi-hot bags of clustered tables "
-                             f"are not supported yet")
+        one_hot = low == 1 and high == 1
     if bounds:
         low, high = bounds
         if low < 0 or high >= num_entities:
             raise IndexError(f"feature {key!r}: ids must be in [0, {num_entities}), "
                              f"got [{low}, {high}]")
+    return one_hot
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:

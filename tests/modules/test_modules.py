@@ -92,38 +92,26 @@ def test_window_records_unscaled_per_entity_gradients_and_split_copies_rows():
     assert torch.equal(opt.state[m.table_weight("item")]["exp_avg"][3], exp_avg_before[0])
 
 
-def test_bad_ids_and_multi_id_bags_are_rejected():
+def test_bad_ids_are_rejected():
     m = make_cebc()
     with pytest.raises(IndexError, match="item_id"):
         m(kjt([0], [9]))
     m.train()
-    bag = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=torch.tensor([0, 1, 2]),
+    bag = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "item_id"], values=torch.tensor([0, 1, -1]),
                                               lengths=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="one id per sample"):
+    with pytest.raises(IndexError, match=r"item_id.*\[-1, 1\]"):       # multi-hot bags too
         m(bag)
 
 
-def test_uneven_bags_and_weights_of_clustered_features_are_refused():
-    """Bags `[2, 1, 0]` hold as many ids as samples: a count check alone would pass them and
-    pair per-sample gradients with the wrong entities. KJT weights are refused, not ignored."""
-    m = make_cebc()
-    m.train()
-    uneven = KeyedJaggedTensor.from_lengths_sync(
-        keys=["user_id", "item_id"], values=torch.tensor([0, 1, 2, 3, 4, 5]),
-        lengths=torch.tensor([1, 1, 1, 2, 1, 0]))
-    with pytest.raises(ValueError, match=r"item_id.*one id per sample.*from 0 to 2"):
-        m(uneven)
-    m.eval()
-    with pytest.raises(ValueError, match="one id per sample"):      # eval too: same wrong lookups
-        m(uneven)
+def test_unclustered_features_keep_their_weights():
+    """A weighted collection with no clustered table behaves as the stock weighted one."""
     weighted = KeyedJaggedTensor.from_lengths_sync(
         keys=["user_id", "item_id"], values=torch.tensor([0, 1, 2, 3]),
         lengths=torch.ones(4, dtype=torch.long), weights=torch.tensor([1.0, 1.0, 0.5, 2.0]))
-    with pytest.raises(ValueError, match="item_id.*weights are not supported"):
-        m(weighted)
-    # unclustered features may still carry weights: a collection with no clustered table
-    plain = ClusteredEmbeddingBagCollection(tables(), {})
-    assert plain(weighted).to_dict()["item_id"].shape == (2, D)
+    plain = ClusteredEmbeddingBagCollection(tables(), {}, is_weighted=True)
+    out = plain(weighted).to_dict()["item_id"]
+    rows = plain.table_weight("item")
+    assert torch.allclose(out, torch.stack([0.5 * rows[2], 2.0 * rows[3]]))
 
 
 def test_a_table_shared_by_two_features_counts_both_in_the_loss_statistics():
