@@ -36,8 +36,11 @@ from cel_torchrec.distributed import collectives as C
 from cel_torchrec.modules.clustered_ebc import (ClusterAccess, ClusteredEmbeddingBagCollection,
                                                 ClusteringConfig, ClusterStates, RemappedFeature,
                                                 attach_cluster_grad_hook, combine_per_id,
-                                                make_split_windows, per_id_layout,
+                                                make_split_windows, multi_hot_ids, per_id_layout,
                                                 reset_window_sums, table_grad_scales)
+
+
+_REDUCE_SCATTER_SHARDINGS = ("row_wise", "table_row_wise", "grid_shard")
 
 
 @dataclass
@@ -105,6 +108,11 @@ class ShardedClusteredEmbeddingBagCollection(
             module._embedding_bag_collection, table_name_to_parameter_sharding, env=env,
             device=device, module_fqn=append_prefix(module_fqn or "", "_embedding_bag_collection"))
         self._dims = {t.name: t.embedding_dim for t in self._tables}
+        # row-wise output dists reduce-scatter pooled rows: a multi-hot step's per-id layout
+        # (`per_id_layout`) needs one stride on all ranks, agreed by one all-reduce per step
+        self._same_stride = C.world_size(self._pg) > 1 and any(
+            ps.sharding_type in _REDUCE_SCATTER_SHARDINGS
+            for ps in table_name_to_parameter_sharding.values())
         self._windows = make_split_windows(self._tables, self._clustering, device)
         self._reduction = GroupReduction(self._pg)
         self._cluster_grad_sum: dict[str, torch.Tensor] = {}
@@ -130,10 +138,13 @@ class ShardedClusteredEmbeddingBagCollection(
         if self.training and torch.is_grad_enabled() and slices:
             ctx.cel_batch = features.stride()
             ctx.cel_plans = self._hook_plans(ctx, features.stride(), slices)
-            if any(f.multi_hot for f in slices):
-                # ranks may differ in stride: TorchRec's input dist carries each rank's
+            extra = multi_hot_ids(slices)
+            if self._same_stride:       # every rank the same stride: agree on the extra rows
+                extra = C.all_reduce_max_int(extra, self._pg)
+            if extra or any(f.multi_hot for f in slices):
+                # (table-wise and column-wise output dists carry each rank's own stride)
                 ctx.cel_multi_hot = slices
-                remapped = per_id_layout(remapped, slices)[0]
+                remapped = per_id_layout(remapped, slices, extra)[0]
         return self._embedding_bag_collection.input_dist(ctx, remapped)
 
     def compute(self, ctx: ClusteredEmbeddingBagCollectionContext, dist_input: KJTList

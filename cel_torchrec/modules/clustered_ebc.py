@@ -194,17 +194,24 @@ class ClusterRemapper(nn.Module):
         return kjt, remapped
 
 
-def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature]
-                  ) -> tuple[KeyedJaggedTensor, int]:
+def multi_hot_ids(remapped: list[RemappedFeature]) -> int:
+    """The most ids of one multi-hot feature in `remapped` (0: every clustered bag is one-hot)."""
+    return max((int(f.entity_ids.numel()) for f in remapped if f.multi_hot), default=0)
+
+
+def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature],
+                  extra_rows: int | None = None) -> tuple[KeyedJaggedTensor, int]:
     """The lookup KJT of a training batch with multi-hot clustered features: the batch's `B`
     bags as they are, followed, for every multi-hot clustered feature, by one single-id bag per
     id (rows `B .. B + n`; other features get empty bags there), stride `B + max n`. One stock
     lookup then gives both the pooled values (first `B` rows) and each id's own row, through
-    which its exact gradient share flows (see `combine_per_id`). Batch-sized work."""
+    which its exact gradient share flows (see `combine_per_id`). `extra_rows` (at least
+    `multi_hot_ids(remapped)`) fixes the stride at `B + extra_rows`, for shardings whose output
+    dist needs the same stride on every rank. Batch-sized work."""
     expanded = {f.key for f in remapped if f.multi_hot}
     batch = kjt.stride()
-    n_max = max(int(f.entity_ids.numel()) for f in remapped if f.multi_hot)
-    stride = batch + n_max
+    n_max = multi_hot_ids(remapped)
+    stride = batch + (n_max if extra_rows is None else max(int(extra_rows), n_max))
     values, lengths, offsets = kjt.values(), kjt.lengths(), kjt.offset_per_key()
     weights = kjt.weights_or_none()
     vals, lens, wts = [], [], []
