@@ -125,6 +125,38 @@ def candidate_losses(model, embs: dict, dense, label: torch.Tensor, feature: str
     return per_sample_loss(pred, label.repeat_interleave(k), loss).view(b, k)
 
 
+def _id_view(emb, kjt, feature: str):
+    """`(ids, sample, share)` of `feature`: its ids and, unless every bag holds one unweighted
+    id (the direct path, both None), each id's sample and its factor in its bag's pooled
+    output (`bag_shares`)."""
+    ids = kjt[feature].values().long()
+    shares = getattr(emb, "bag_shares", None)
+    sample, share = shares(kjt, feature) if shares is not None else (None, None)
+    return ids, sample, share
+
+
+def _direct(view) -> bool:
+    """Whether an `_id_view` takes the direct path (every bag one unweighted id)."""
+    return view[1] is None and view[2] is None
+
+
+def _id_inputs(embs: dict, dense, label, feature: str, ids, sample, share, current_rows,
+               assignment):
+    """Each id's view of its sample for the per-id path: the sample's pooled embeddings, dense
+    features and label, and `base` `[n, D]`: the feature's pooled embedding without this id's
+    current row (so that cluster row `r` gives `base + share * r`: only this id's row changes,
+    the rest of its bag and its own unclustered parameters stay)."""
+    n = ids.numel()
+    if sample is None:
+        sample = torch.arange(n, device=ids.device)
+    if share is None:
+        share = torch.ones(n, device=ids.device)
+    e = {k: v[sample] for k, v in embs.items()}
+    share = share.to(e[feature].dtype)
+    base = e[feature] - share[:, None] * current_rows[assignment[ids].long()].to(e[feature].dtype)
+    return e, None if dense is None else dense[sample], label[sample], base, share
+
+
 def _valid(item) -> bool:
     # (kjt, dense, label) or, from a padded multi-rank pass, (kjt, dense, label, valid):
     # an invalid (padding) batch still runs the lookup (collectives) but adds nothing
@@ -133,22 +165,37 @@ def _valid(item) -> bool:
 
 def _accumulate_block_losses(emb, model, batches: Iterable, table: str, features: list[str],
                              loss: str, rows: torch.Tensor, matrix: torch.Tensor,
-                             counts: torch.Tensor | None, max_rows: int = 1 << 18) -> None:
+                             counts: torch.Tensor | None, max_rows: int = 1 << 18,
+                             current_rows: torch.Tensor | None = None) -> None:
     """Add to `matrix[entity]` `[N, b]` each interaction's losses under the cluster rows `rows`
     `[b, D]` (every feature of `table`, chunks of at most `max_rows` sample x cluster cells), and
-    to `counts[entity]` (if given) one per interaction."""
+    to `counts[entity]` (if given) one per interaction. An interaction is one id of a bag:
+    multi-hot and weighted bags score each id with only its own row changed (`current_rows`:
+    all active cluster rows, which those need)."""
     offsets_of = getattr(emb, "entity_offsets", None)   # entities' own unclustered parameters
     chunk = max(1, max_rows // rows.shape[0])
+    assignment = emb.cluster_states[table].assignment
     for item in batches:
         kjt, dense, label = item[:3]
         embs = _pooled(emb, kjt)
         if not _valid(item):
             continue
         for feature in features:                          # a loop over features, not entities
-            ids = kjt[feature].values().long()
-            offsets = offsets_of(table, ids) if offsets_of is not None else None
+            ids, sample, share = _id_view(emb, kjt, feature)
             if counts is not None:
                 counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            if not _direct((ids, sample, share)):
+                e, d, y, base, sh = _id_inputs(embs, dense, label, feature, ids, sample, share,
+                                               current_rows, assignment)
+                for start in range(0, ids.numel(), chunk):    # chunks of ids, bounded count
+                    sl = slice(start, start + chunk)
+                    cands = base[sl, None, :] + sh[sl, None, None] * rows[None].to(base.dtype)
+                    losses = candidate_losses(model, {k: v[sl] for k, v in e.items()},
+                                              None if d is None else d[sl], y[sl], feature,
+                                              loss, cands)
+                    matrix.index_add_(0, ids[sl], losses.double())
+                continue
+            offsets = offsets_of(table, ids) if offsets_of is not None else None
             for start in range(0, label.numel(), chunk):   # chunks of samples, bounded count
                 sl = slice(start, start + chunk)
                 losses = candidate_losses(model, {k: v[sl] for k, v in embs.items()},
@@ -169,15 +216,15 @@ def reassign_losses(emb, model, batches: Iterable, table: str, loss: str, env=No
     env = _env(env)
     features = _features(emb, table)
     state = emb.cluster_states[table]
-    rows = emb.cluster_rows(table)
-    lo, hi = clusters if clusters is not None else (0, rows.shape[0])
-    rows = rows[lo:hi]
+    everything = emb.cluster_rows(table)
+    lo, hi = clusters if clusters is not None else (0, everything.shape[0])
+    rows = everything[lo:hi]
     m = rows.shape[0]
     n = state.num_entities
     counts = torch.zeros(n, dtype=torch.int32, device=rows.device)
     matrix = torch.zeros(n, m, dtype=torch.float64, device=rows.device)
     _accumulate_block_losses(emb, model, batches, table, features, loss, rows, matrix, counts,
-                             max_rows)
+                             max_rows, current_rows=everything)
     all_reduce_(counts, env)
     all_reduce_(matrix, env)
     seen = (counts > 0).nonzero().flatten()
@@ -246,11 +293,12 @@ def exact_proposal(emb, model, make_batches: Callable[[], Iterable], table: str,
     counts = None
     for first in range(0, m, block):                      # blocks of clusters, bounded count
         last = min(m, first + block)
-        rows = emb.cluster_rows(table)[first:last]
+        everything = emb.cluster_rows(table)
+        rows = everything[first:last]
         matrix = torch.zeros(n, last - first, dtype=torch.float64)
         c = torch.zeros(n, dtype=torch.int32) if counts is None else None
         _accumulate_block_losses(emb, model, make_batches(), table, features, loss, rows,
-                                 matrix, c)
+                                 matrix, c, current_rows=everything)
         if c is not None:
             counts = all_reduce_(c, env)
             if pooled_below is not None:
@@ -373,7 +421,13 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
     # every rank, so that all ranks skip the same lookups of the second pass (sharded lookups
     # are collectives; a padding batch at a cached position is skipped)
     n_cache = 0
-    if linear is not None and batches:
+    # multi-hot or weighted bags score per id (no cache): then no position caches, so that
+    # every rank runs the same lookups
+    per_id = torch.tensor([int(any(not _direct(_id_view(emb, item[0], f))
+                                   for item in batches if _valid(item) for f in features))])
+    if env.distributed:
+        all_reduce_(per_id, env, op="max")
+    if linear is not None and batches and not int(per_id[0]):
         largest = torch.tensor([max(int(item[2].numel()) for item in batches)])
         if env.distributed:
             all_reduce_(largest, env, op="max")
@@ -389,7 +443,28 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
         kept = []
         pred = model(embs, dense) if linear is not None else None
         for feature in features:
-            ids = kjt[feature].values().long()
+            ids, sample, share = _id_view(emb, kjt, feature)
+            if not _direct((ids, sample, share)):
+                # each id: its share of its sample's gradient, its share squared of the curvature
+                if linear is not None:
+                    x, _ = linear(embs, dense, feature)
+                    if loss == "mse":
+                        dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+                    else:
+                        p = torch.sigmoid(pred)
+                        dl, w = p - label, p * (1 - p)
+                    g = torch.zeros(label.numel(), d, dtype=x.dtype)
+                    g[:, :x.shape[1]] = dl[:, None] * x
+                    h = w * (x * x).sum(1) / d
+                else:
+                    g, h = _gauss_newton(model, embs, dense, label, feature, loss)
+                if sample is not None:
+                    g, h = g[sample], h[sample]
+                if share is not None:
+                    g, h = g * share[:, None].to(g.dtype), h * (share * share).to(h.dtype)
+                ids_l.append(ids)
+                gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
+                continue
             if linear is not None:
                 x, const = linear(embs, dense, feature)
                 if loss == "mse":
@@ -450,10 +525,21 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
             if not _valid(item):
                 continue
         for fi, feature in enumerate(features):
-            ids = kjt[feature].values().long()
+            ids, sample, share = _id_view(emb, kjt, feature)
             slot = (inverse[at:at + ids.numel()] if inverse is not None
                     else torch.searchsorted(seen, ids))
             at += ids.numel()
+            if not _direct((ids, sample, share)):      # (never cached: see n_cache)
+                e, dd, y, base, sh = _id_inputs(embs, dense, label, feature, ids, sample, share,
+                                                rows, state.assignment)
+                for start in range(0, ids.numel(), chunk):
+                    sl = slice(start, start + chunk)
+                    cand_rows = base[sl, None, :] + sh[sl, None, None] * rows[cands[slot[sl]]].to(base.dtype)
+                    lc = candidate_losses(model, {key: v[sl] for key, v in e.items()},
+                                          None if dd is None else dd[sl], y[sl], feature, loss,
+                                          cand_rows)
+                    losses.index_add_(0, slot[sl], lc.double())
+                continue
             if kept is None:
                 offsets = offsets_of(table, ids) if offsets_of is not None else None
             for start in range(0, label.numel(), chunk):

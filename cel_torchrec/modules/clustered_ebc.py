@@ -177,21 +177,29 @@ class ClusterRemapper(nn.Module):
             one_hot = check_feature_ids(key, ids, lengths, state.num_entities)
             cluster_ids = remap_ids(state.assignment, ids)
             new_values[start:end] = cluster_ids.to(values.dtype)
-            sample = share = None
-            if not one_hot:
-                sample = torch.repeat_interleave(
-                    torch.arange(lengths.numel(), device=ids.device), lengths.long(),
-                    output_size=ids.numel())
-                if table in self.mean_pooled:
-                    share = 1.0 / lengths.float().clamp_min(1).index_select(0, sample)
-            if weights is not None:
-                w = weights[start:end].float()
-                share = w if share is None else share * w
+            sample, share = bag_shares(lengths, ids.numel(), one_hot, table in self.mean_pooled,
+                                       None if weights is None else weights[start:end])
             remapped.append(RemappedFeature(key, table, ids, cluster_ids, sample, share))
         kjt = KeyedJaggedTensor(keys=features.keys(), values=new_values,
                                 lengths=features.lengths(), offsets=features.offsets(),
                                 weights=weights, stride=features.stride())
         return kjt, remapped
+
+
+def bag_shares(lengths: torch.Tensor, num_ids: int, one_hot: bool, mean: bool,
+               weights: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(each id's bag or None if one-hot, each id's factor in its bag's pooled output or None
+    if all 1) for one feature's bag `lengths` (see `RemappedFeature`)."""
+    sample = share = None
+    if not one_hot:
+        sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
+                                         lengths.long(), output_size=num_ids)
+        if mean:
+            share = 1.0 / lengths.float().clamp_min(1).index_select(0, sample)
+    if weights is not None:
+        w = weights.float()
+        share = w if share is None else share * w
+    return sample, share
 
 
 def multi_hot_ids(remapped: list[RemappedFeature]) -> int:
@@ -315,6 +323,17 @@ class ClusterAccess:
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return list(self._tables)
+
+    def bag_shares(self, features: KeyedJaggedTensor, key: str
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For clustered feature `key` of `features`: (each id's sample, or None when every bag
+        holds one id; each id's factor in its bag's pooled output, or None when all are 1)."""
+        jt = features[key]
+        lengths = jt.lengths()
+        one_hot = bool(lengths.numel() == 0 or (lengths == 1).all())
+        return bag_shares(lengths, jt.values().numel(), one_hot,
+                          self._remapper.feature_to_table[key] in self._remapper.mean_pooled,
+                          jt.weights_or_none())
 
     def observe_losses(self, per_sample_loss: torch.Tensor) -> None:
         """Add the last training batch's per-sample losses (this rank's) to the per-cluster loss
