@@ -14,7 +14,7 @@ from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringCon
                                   QREmbeddingBagCollection)
 from trainer.config import TrainConfig
 from trainer.dist import DistEnv, barrier
-from trainer.models import embedding_dim_for
+from trainer.models import CTR_MODELS, embedding_dim_for
 
 CONFIG_KEY_OF_TABLE = {"user": "users", "item": "items"}
 
@@ -43,34 +43,102 @@ def resolve_dataset(cfg: TrainConfig, env: DistEnv) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def table_specs(cfg: TrainConfig, num_users: int, num_items: int,
+                sparse_features: dict[str, int] | None = None) -> list[tuple[str, str, int]]:
+    """(table, feature, rows) of every embedding table: `user` and `item`, and for a CTR model
+    (`trainer.models.CTR_MODELS`) one table per extra categorical feature, named as it."""
+    specs = [("user", "user_id", num_users), ("item", "item_id", num_items)]
+    if cfg.model.name in CTR_MODELS:
+        specs += [(name, name, int(rows)) for name, rows in (sparse_features or {}).items()]
+    return specs
+
+
 def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
-                               device: torch.device) -> torch.nn.Module:
-    """The entity embedding collection chosen by `embedding.method` (cel | full | hash | qr)."""
+                               device: torch.device,
+                               sparse_features: dict[str, int] | None = None) -> torch.nn.Module:
+    """The entity embedding collection chosen by `embedding.method` (cel | full | hash | qr)
+    over the tables of `table_specs`, sized by `embedding.compression` when it is set."""
     dim = embedding_dim_for(cfg.model)
-    tables = [EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=num_users,
-                                 feature_names=["user_id"]),
-              EmbeddingBagConfig(name="item", embedding_dim=dim, num_embeddings=num_items,
-                                 feature_names=["item_id"])]
+    specs = table_specs(cfg, num_users, num_items, sparse_features)
+    tables = [EmbeddingBagConfig(name=t, embedding_dim=dim, num_embeddings=n, feature_names=[f])
+              for t, f, n in specs]
     method = cfg.embedding.method
+    budget = compressed_rows(cfg, specs, dim) if cfg.embedding.compression else None
     if method == "cel":
         clustering = {}
-        for table, key in CONFIG_KEY_OF_TABLE.items():
-            c = getattr(cfg.cel, key)
-            if c.enabled:
-                clustering[table] = library_clustering(c, _entity_bias_column(cfg, c))
+        if budget is not None:
+            template = library_clustering(cfg.cel.items, None)
+            clustering = {t: dataclasses.replace(template, max_clusters=rows,
+                                                 init_clusters=min(template.init_clusters, rows))
+                          for t, rows in budget.items()}
+        else:
+            for table, key in CONFIG_KEY_OF_TABLE.items():
+                c = getattr(cfg.cel, key)
+                if c.enabled:
+                    clustering[table] = library_clustering(c, _entity_bias_column(cfg, c))
         emb = ClusteredEmbeddingBagCollection(tables, clustering, device=device, seed=cfg.train.seed)
     elif method == "full":
         emb = FullEmbeddingBagCollection(tables=tables, device=device)
     elif method == "hash":
-        emb = HashedEmbeddingBagCollection(tables, _per_table(cfg.embedding.hash_buckets), device=device)
+        emb = HashedEmbeddingBagCollection(
+            tables, budget if budget is not None else _per_table(cfg.embedding.hash_buckets, specs),
+            device=device)
     elif method == "qr":
-        emb = QREmbeddingBagCollection(tables, _per_table(cfg.embedding.qr_collisions), device=device)
+        emb = QREmbeddingBagCollection(
+            tables, budget if budget is not None else _per_table(cfg.embedding.qr_collisions, specs),
+            device=device)
     else:
         raise ValueError(f"embedding.method must be cel|full|hash|qr, got {method!r}")
-    # MF: bias column d (and FBGEMM alignment padding after it) starts at zero
+    # MF / DeepFM: the bias column d (and FBGEMM alignment padding after it) starts at zero
     _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed,
-                     zero_from=cfg.model.embedding_dim if cfg.model.name == "mf" else None)
+                     zero_from=cfg.model.embedding_dim if cfg.model.name in ("mf", "deepfm") else None)
     return emb
+
+
+def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: int) -> dict[str, int]:
+    """`embedding.compression`: per table with at least `embedding.min_cardinality` rows, the
+    size that brings its bytes to about `full / compression` under `embedding.method` (the
+    total byte budget split in proportion to cardinality): CEL clusters after its int32 map,
+    hash buckets, or QR's collision count `m` (a quotient table of `ceil(n / m)` rows plus a
+    remainder table of `m`). Smaller tables are left out (full)."""
+    e = cfg.embedding
+    ratio = float(e.compression)
+    if ratio <= 1:
+        raise ValueError(f"embedding.compression must be > 1 (full bytes / method bytes), got {ratio}")
+    row_bytes = dim * 4
+    out = {}
+    for table, _, n in specs:
+        if n < e.min_cardinality:
+            continue
+        budget_rows = n / ratio                       # full rows / ratio
+        if e.method == "cel":
+            rows = int((n * row_bytes / ratio - 4 * n) // row_bytes)
+            if rows < 1:
+                raise ValueError(f"embedding.compression={ratio:g} is out of CEL's reach for "
+                                 f"table {table!r}: its int32 assignment map alone is 1/{dim} "
+                                 f"of the full table's bytes")
+            out[table] = min(rows, n)
+        elif e.method == "hash":
+            out[table] = max(1, min(n, int(budget_rows)))
+        elif e.method == "qr":
+            out[table] = qr_collisions_for(n, budget_rows)
+        elif e.method != "full":
+            raise ValueError(f"embedding.method must be cel|full|hash|qr, got {e.method!r}")
+    return out
+
+
+def qr_collisions_for(n: int, budget_rows: float) -> int:
+    """The QR collision count `m` whose two tables (`ceil(n / m) + m` rows) fit `budget_rows`
+    with the largest quotient table; where no `m` fits (the fewest rows QR can have is about
+    `2 sqrt(n)`), the `m` with the fewest rows."""
+    import math
+    root = math.isqrt(max(n - 1, 0)) + 1                 # ceil(sqrt(n)): the fewest rows
+    if budget_rows * budget_rows < 4 * n:
+        return max(1, root)
+    m = max(1, int((budget_rows - math.sqrt(budget_rows * budget_rows - 4 * n)) / 2))
+    while m < root and -(-n // m) + m > budget_rows:    # a few steps at most
+        m += 1
+    return m
 
 
 def library_clustering(c, entity_bias_column: int | None) -> ClusteringConfig:
@@ -91,13 +159,14 @@ def _entity_bias_column(cfg: TrainConfig, c) -> int | None:
     return cfg.model.embedding_dim
 
 
-def _per_table(by_key: dict[str, int]) -> dict[str, int]:
-    """Config dicts are keyed users/items (or user/item); tables are named user/item."""
+def _per_table(by_key: dict[str, int], specs: list[tuple[str, str, int]]) -> dict[str, int]:
+    """Config dicts are keyed by table (users/items or user/item, or a CTR feature's name)."""
+    names = [t for t, _, _ in specs]
     out = {}
     for k, v in by_key.items():
         table = {"users": "user", "items": "item"}.get(k, k)
-        if table not in ("user", "item"):
-            raise ValueError(f"unknown table {k!r}: use users or items")
+        if table not in names:
+            raise ValueError(f"unknown table {k!r}: use users, items or one of {names[2:]}")
         out[table] = int(v)
     return out
 

@@ -62,9 +62,11 @@ class ModelConfig:
     """The interaction model on top of the embeddings. `embedding_dim` is the latent width d;
     the embedding tables may be wider (see `trainer.models.embedding_dim_for`)."""
 
-    name: str = _choice("mf", "mf", "neumf", "two_tower")
+    name: str = _choice("mf", "mf", "neumf", "two_tower", "dlrm", "deepfm")
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [64, 32])
+    # dlrm: the dense arch's hidden widths (its last layer is embedding_dim)
+    dense_hidden: list[int] = field(default_factory=lambda: [64])
     dropout: float = 0.0
     init_std: float = 0.1
 
@@ -77,6 +79,13 @@ class EmbeddingConfig:
     method: str = _choice("cel", "cel", "full", "hash", "qr")
     hash_buckets: dict[str, int] = field(default_factory=dict)
     qr_collisions: dict[str, int] = field(default_factory=dict)
+    # > 0: every table with at least `min_cardinality` rows is compressed by `method` to about
+    # 1/compression of its full bytes (the total budget split by cardinality; CEL: clusters
+    # after its int32 map, hash: buckets, QR: collisions), the `cel.items` settings serving
+    # every clustered table; smaller tables stay full. 0: the per-table settings above and
+    # `cel.users` / `cel.items`
+    compression: float = 0.0
+    min_cardinality: int = 1000
 
 
 @dataclass

@@ -18,12 +18,13 @@ from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInterac
                                  coverage_window_steps, per_sample_loss, resolve_reassign_mode,
                                  run_reassignment, run_split)
 from data_pipeline.dataset import load_meta, load_train_counts
-from trainer.builders import CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset
+from trainer.builders import (CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset,
+                              table_specs)
 from trainer.checkpointing import CheckpointClient
 from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, init_single_process_group
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
-from trainer.models import build_model
+from trainer.models import CTR_MODELS, build_model
 from trainer.planted import planted_metrics, setup_planted
 from trainer.sources import BatchSource, local_source, padded, synchronised
 from trainer.tables import choose_table_update
@@ -58,14 +59,23 @@ class TrainRecipe:
         self.user_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "users")))
         self.item_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "items")))
         unsharded = build_embedding_collection(cfg, self.meta.num_users, self.meta.num_items,
-                                               env.device)
+                                               env.device, self.meta.sparse_features)
         self.embedding_bytes = unsharded.embedding_bytes()
         self.is_cel = isinstance(unsharded, ClusteredEmbeddingBagCollection)
         # synthetic data: planted clusters to score against (cel.init_from_planted installs them)
         self.planted = setup_planted(cfg, self.data_dir, unsharded)
-        self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
+        if cfg.model.name in CTR_MODELS:       # every categorical feature, the dense ones
+            features = [f for _, f, _ in table_specs(cfg, self.meta.num_users, self.meta.num_items,
+                                                       self.meta.sparse_features)]
+            self.model = build_model(cfg.model, num_dense=len(self.meta.dense_features),
+                                     seed=cfg.train.seed, features=features).to(env.device)
+        else:
+            self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
         if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
             self.model.set_global_bias(self._train_label_mean())
+        elif cfg.model.name in CTR_MODELS and cfg.train.loss == "bce":   # the base rate's logit
+            rate = min(max(self._train_label_mean(), 1e-6), 1 - 1e-6)
+            self.model.set_global_bias(math.log(rate / (1 - rate)))
         # fused FBGEMM tables (sharded by DMP, on 1 rank for one process) or a torch optimizer
         self.tables = choose_table_update(cfg, env.device, env.world_size, unsharded)
         if env.is_main:
@@ -298,7 +308,6 @@ class TrainRecipe:
                 reports.append(run_split(self.cel, table, self.optimizer,
                                          reopen=lambda tb=table: self._open_split_window(tb)))
             if REASSIGN in actions:
-                key = CONFIG_KEY_OF_TABLE[table]
                 _, rep = run_reassignment(
                     self.cel, self.interaction_model,
                     lambda: padded(self.reassign_source.epoch(0), self.env), table,
@@ -317,8 +326,8 @@ class TrainRecipe:
                                         "table": rep.table, "seconds": rep.seconds,
                                         "num_clusters": rep.num_clusters, **rep.detail}) + "\n")
         for rep in reports:     # per-event detail goes to phases.jsonl; totals to the logger
-            self._phase_totals[f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}"] = \
-                self._phase_totals.get(f"{rep.kind}_seconds_{CONFIG_KEY_OF_TABLE[rep.table]}", 0.0) + rep.seconds
+            key = f"{rep.kind}_seconds_{_config_key(rep.table)}"
+            self._phase_totals[key] = self._phase_totals.get(key, 0.0) + rep.seconds
 
     def embedding_state_bytes(self) -> int:
         """This rank's bytes of entity-dependent training state, counted once per storage: the
@@ -359,7 +368,7 @@ class TrainRecipe:
     def _cluster_counts(self) -> dict:
         if self.cel is None:
             return {}
-        return {f"num_clusters_{CONFIG_KEY_OF_TABLE[t]}": self.cel.cluster_states[t].num_active
+        return {f"num_clusters_{_config_key(t)}": self.cel.cluster_states[t].num_active
                 for t in self.cel.clustered_tables}
 
     # ------------------------------------------------------------------ evaluation
@@ -398,7 +407,7 @@ class TrainRecipe:
             for t in self.cel.clustered_tables:
                 st = self.cel.cluster_states[t]
                 hist = cluster_size_histogram(st.assignment, st.num_active)
-                record[f"cluster_sizes_{CONFIG_KEY_OF_TABLE[t]}"] = hist.get("sizes", [])
+                record[f"cluster_sizes_{_config_key(t)}"] = hist.get("sizes", [])
         self.logger.log(record, step=self.step)
         self.history.append({k: v for k, v in record.items() if not isinstance(v, (list, tuple))})
         return val
@@ -536,6 +545,11 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         self.logger.close()
+
+
+def _config_key(table: str) -> str:
+    """How metrics name a table: `users` / `items`, a CTR feature by its own name."""
+    return CONFIG_KEY_OF_TABLE.get(table, table)
 
 
 def _jsonable(d: dict) -> dict:

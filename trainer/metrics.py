@@ -16,7 +16,7 @@ import numpy as np
 KINDS = ("rating", "click")
 SLICES = ("cold_items", "warm_items", "cold_users", "warm_users")
 REGRESSION_KEYS = ("mse", "rmse", "mae")
-CLASSIFICATION_KEYS = ("auc", "logloss", "accuracy")
+CLASSIFICATION_KEYS = ("auc", "logloss", "ne", "accuracy")
 
 
 def _np(x: Any, dtype=np.float64) -> np.ndarray:
@@ -71,9 +71,26 @@ def classification_metrics(logit: Any, label: Any) -> dict[str, float]:
         raise ValueError(f"logit and label sizes differ: {z.shape} vs {y.shape}")
     if z.size == 0:
         return {k: float("nan") for k in CLASSIFICATION_KEYS}
-    logloss = float(np.mean(np.logaddexp(0.0, z) - y * z))   # stable BCE with logits
+    ce = np.logaddexp(0.0, z) - y * z                         # stable BCE with logits
+    logloss = float(np.mean(ce))
     accuracy = float(np.mean((z > 0) == (y >= 0.5)))
-    return {"auc": auc_score(z, y), "logloss": logloss, "accuracy": accuracy}
+    return {"auc": auc_score(z, y), "logloss": logloss, "ne": normalized_entropy(ce.sum(), y),
+            "accuracy": accuracy}
+
+
+def normalized_entropy(ce_sum: float, label: np.ndarray) -> float:
+    """Normalized entropy (He et al., 2014): the summed log-loss divided by that of always
+    predicting the base rate; below 1 beats the base rate. The normalisation is TorchRec's
+    (`torchrec.metrics.ne.compute_ne`); NaN when either class is absent."""
+    import torch
+    from torchrec.metrics.ne import compute_ne
+    pos = float((label >= 0.5).sum())
+    neg = float(label.size) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    t = lambda v: torch.tensor([v], dtype=torch.float64)   # noqa: E731
+    bits = float(ce_sum) / np.log(2.0)                 # TorchRec's cross-entropies are in bits
+    return float(compute_ne(t(bits), t(float(label.size)), t(pos), t(neg), eta=1e-12))
 
 
 def base_metrics(pred: Any, label: Any, kind: str) -> dict[str, float]:

@@ -9,6 +9,12 @@ column), so CEL can cluster it. Models hold no assumption on B: CEL reassignment
     MF         pred = <u[:d], i[:d]> + u[d] + i[d] + b          tables D = d + 1
     NeuMF      GMF(u_g * i_g) ++ MLP([u_m, i_m]) -> linear       tables D = d (halves)
     two-tower  <tower_u(u), tower_i(i)> + b                      tables D = d
+
+CTR models read every categorical feature of the dataset (user_id, item_id and each sparse_*
+column, one table each) and its dense features:
+
+    DLRM       TorchRec's DenseArch / InteractionArch / OverArch   tables D = d
+    DeepFM     first order (column d of each row) + FM over the fields' [:d] + MLP   D = d + 1
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 USER, ITEM = "user_id", "item_id"
-MODEL_NAMES = ("mf", "neumf", "two_tower")
+MODEL_NAMES = ("mf", "neumf", "two_tower", "dlrm", "deepfm")
+CTR_MODELS = ("dlrm", "deepfm")           # models over every categorical feature
 
 
 def embedding_dim_for(model_cfg) -> int:
@@ -24,23 +31,34 @@ def embedding_dim_for(model_cfg) -> int:
     to a multiple of 4 (FBGEMM's table kernels need it; padding columns start and stay zero)."""
     _check_name(model_cfg.name)
     d = int(model_cfg.embedding_dim)
-    if model_cfg.name == "mf":
+    if model_cfg.name in ("mf", "deepfm"):
         return -(-(d + 1) // 4) * 4
+    if model_cfg.name == "dlrm" and d % 4:
+        raise ValueError("model.embedding_dim must be a multiple of 4 for dlrm (FBGEMM's "
+                         "table kernels)")
     if model_cfg.name == "neumf" and d < 2:
         raise ValueError("model.embedding_dim must be >= 2 for neumf (GMF and MLP halves)")
     return d
 
 
-def build_model(model_cfg, num_dense: int = 0, seed: int | None = None) -> nn.Module:
+def build_model(model_cfg, num_dense: int = 0, seed: int | None = None,
+                features: list[str] | None = None) -> nn.Module:
     """The interaction model named by `model_cfg.name` (a `trainer.config.ModelConfig`).
     `num_dense` > 0 feeds dense features in (otherwise `dense` is ignored); `seed` makes the
-    initialisation deterministic without touching the global RNG."""
+    initialisation deterministic without touching the global RNG; `features`: the categorical
+    features a CTR model reads (in this order)."""
     _check_name(model_cfg.name)
     d = int(model_cfg.embedding_dim)
     hidden = [int(h) for h in model_cfg.hidden]
     dropout = float(model_cfg.dropout)
+    if model_cfg.name in CTR_MODELS and not features:
+        raise ValueError(f"model.name={model_cfg.name} needs the list of categorical features")
 
     def make() -> nn.Module:
+        if model_cfg.name == "dlrm":
+            return DLRM(features, d, num_dense, [int(h) for h in model_cfg.dense_hidden], hidden)
+        if model_cfg.name == "deepfm":
+            return DeepFM(features, d, num_dense, hidden, dropout=dropout)
         if model_cfg.name == "mf":
             return MatrixFactorization(d, num_dense=num_dense)
         if model_cfg.name == "neumf":
@@ -167,3 +185,74 @@ class TwoTower(nn.Module):
         if self.num_dense and dense is not None:
             u = torch.cat([u, dense], dim=1)
         return (self.user_tower(u) * self.item_tower(i)).sum(-1) + self.global_bias
+
+
+class DLRM(nn.Module):
+    """DLRM (Naumov et al., 2019) above the embedding lookup, from TorchRec's own arches: the
+    dense features through `DenseArch` (MLP to width d), pairwise dot products of the dense and
+    every categorical embedding (`InteractionArch`), then `OverArch` (MLP to one logit). The
+    lookup stays outside (the collection, sharded or not), as `torchrec.models.dlrm.DLRM` splits
+    it into its `SparseArch`; without dense features a learned constant row stands in."""
+
+    def __init__(self, features: list[str], embedding_dim: int, num_dense: int,
+                 dense_hidden: list[int], over_hidden: list[int]):
+        super().__init__()
+        from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+        self.features = list(features)
+        self.num_dense = num_dense
+        if num_dense:
+            self.dense_arch = DenseArch(num_dense, [*dense_hidden, embedding_dim])
+        else:
+            self.dense_row = nn.Parameter(torch.zeros(embedding_dim))
+        f = len(self.features)
+        self.interaction = InteractionArch(num_sparse_features=f)
+        # (its last layer is a plain Linear: the output is a logit)
+        self.over_arch = OverArch(embedding_dim + f * (f + 1) // 2, [*over_hidden, 1])
+
+    @torch.no_grad()
+    def set_global_bias(self, value: float) -> None:
+        self.over_arch.model[-1].bias.fill_(float(value))
+
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+        sparse = torch.stack([embeddings[k] for k in self.features], dim=1)      # [B, F, D]
+        if self.num_dense and dense is not None:
+            d = self.dense_arch(dense)
+        else:
+            d = self.dense_row.expand(sparse.shape[0], -1)
+        return self.over_arch(self.interaction(d, sparse)).squeeze(-1)
+
+
+class DeepFM(nn.Module):
+    """DeepFM (Guo et al., 2017): a first-order term (column d of each feature's row, so it is
+    clustered with the row) plus a linear term on the dense features, the field-wise
+    factorisation machine `0.5 * sum_k ((sum_f v_fk)^2 - sum_f v_fk^2)` over the rows' first d
+    columns, and an MLP over the concatenated fields (and dense features). TorchRec's
+    `FactorizationMachine` flattens fields and columns into one vector, which is not the paper's
+    field-wise FM, hence these three lines."""
+
+    def __init__(self, features: list[str], embedding_dim: int, num_dense: int,
+                 hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.features = list(features)
+        self.d = embedding_dim
+        self.num_dense = num_dense
+        width = len(self.features) * embedding_dim + num_dense
+        self.deep = mlp([width, *hidden, 1], dropout, last_activation=False)
+        self.dense_linear = nn.Linear(num_dense, 1, bias=False) if num_dense else None
+        self.global_bias = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def set_global_bias(self, value: float) -> None:
+        self.global_bias.fill_(float(value))
+
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+        rows = torch.stack([embeddings[k] for k in self.features], dim=1)        # [B, F, D]
+        v = rows[:, :, :self.d]
+        first = rows[:, :, self.d].sum(1)
+        fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)
+        parts = [v.flatten(1)]
+        if self.num_dense and dense is not None:
+            parts.append(dense)
+            first = first + self.dense_linear(dense).squeeze(-1)
+        deep = self.deep(torch.cat(parts, dim=1)).squeeze(-1)
+        return first + fm + deep + self.global_bias

@@ -71,8 +71,22 @@ def test_classification_metrics_reference():
     assert m["logloss"] == pytest.approx(ref_logloss)
     assert m["accuracy"] == pytest.approx(np.mean((prob > 0.5) == (label == 1)))
     assert m["auc"] == pytest.approx(brute_force_auc(logit, label))
+    # normalized entropy: log-loss over the base rate's log-loss
+    base = label.mean()
+    ref_ne = ref_logloss / -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    assert m["ne"] == pytest.approx(ref_ne)
     # extreme logits stay finite
     assert math.isfinite(classification_metrics([1000.0, -1000.0], [0.0, 1.0])["logloss"])
+
+
+def test_auc_agrees_with_torchrec_metrics():
+    from torchrec.metrics.auc import compute_auc
+    rng = np.random.default_rng(5)
+    score = rng.normal(size=300)
+    label = (rng.random(300) < 1 / (1 + np.exp(-2 * score))).astype(float)
+    ref = compute_auc(1, [torch.tensor(score)[None].float()], [torch.tensor(label)[None].float()],
+                      [torch.ones(1, 300)])
+    assert auc_score(score, label) == pytest.approx(float(ref[0]), abs=1e-6)
 
 
 def _slice_fixture():

@@ -25,7 +25,7 @@ def test_embedding_dim_for():
     assert embedding_dim_for(cfg("neumf", d=8)) == 8
     assert embedding_dim_for(cfg("two_tower", d=8)) == 8
     with pytest.raises(ValueError, match="model.name"):
-        embedding_dim_for(cfg("dlrm"))
+        embedding_dim_for(cfg("nope"))
 
 
 def test_build_model_types():
