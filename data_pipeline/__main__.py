@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     criteo = kinds.add_parser("criteo", help="Criteo Kaggle/Terabyte TSV (streamed)")
     criteo.add_argument("--src", required=True)
     criteo.add_argument("--out", required=True)
-    criteo.add_argument("--user-col", default="C3")
-    criteo.add_argument("--item-col", default="C4")
+    criteo.add_argument("--user-col", default="C3",
+                        help="categorical column written as user_id (default: C3)")
+    criteo.add_argument("--item-col", default="C4",
+                        help="categorical column written as item_id (default: C4)")
+    criteo.add_argument("--min-count", type=int, default=1,
+                        help="values seen fewer times (over all rows) share the OOV id 0 "
+                             "(default: 1, keep every value)")
     _add_split_args(criteo, "temporal")
 
     synth = sub.add_parser("synth", help="planted-cluster synthetic interactions")
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         kw = _split_kwargs(args)
         kw.pop("k")
         meta = prepare_criteo(args.src, args.out, user_col=args.user_col, item_col=args.item_col,
-                              **kw)
+                              min_count=args.min_count, **kw)
     rows = sum(meta.splits.values())
     return {"out": args.out, "users": meta.num_users, "items": meta.num_items, "rows": rows,
             "splits": meta.splits, "label_kind": meta.label_kind, "split": meta.split,

@@ -104,13 +104,13 @@ def test_criteo_bad_label_and_bad_integer(tmp_path):
     lines = (tmp_path / "a" / "train.txt").read_text().splitlines()
     lines[5] = "2" + lines[5][1:]
     (tmp_path / "a" / "train.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"train.txt: column 'label' row 5 .*got 2"):
+    with pytest.raises(DataError, match=r"train.txt:6: field 'label': .*got 2"):
         prepare_criteo(tmp_path / "a", tmp_path / "out")
     fields = lines[7].split("\t")
     lines[5] = "1" + lines[5][1:]
     lines[7] = "\t".join([fields[0], "12x", *fields[2:]])
     (tmp_path / "a" / "train.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"train.txt: .*column 'I1'.*12x"):
+    with pytest.raises(DataError, match=r"train.txt:8: field 'I1': cannot parse '12x'"):
         prepare_criteo(tmp_path / "a", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
