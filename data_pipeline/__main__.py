@@ -1,11 +1,13 @@
-"""python -m data_pipeline prepare|synth|inspect ...
+"""python -m data_pipeline prepare|synth|synth-ctr|inspect ...
 
   python -m data_pipeline prepare movielens --src ../shared/datasets/ml-100k --out data/ml100k
   python -m data_pipeline prepare csv --src ratings.tsv --out data/x --delimiter '\\t' \\
       --columns user=uid,item=iid,label=rating,timestamp=ts
-  python -m data_pipeline prepare criteo --src data/criteo-kaggle --out data/criteo
+  python -m data_pipeline prepare movielens --src ml-1m --out data/ml1m-click --label-kind click
+  python -m data_pipeline prepare criteo --src data/criteo-kaggle --out data/criteo --min-count 4
   python -m data_pipeline synth --out data/synth --users 2000 --items 1000 \\
       --interactions 100000 --clusters 8 --seed 0
+  python -m data_pipeline synth-ctr --out data/ctr --rows 1000000 --vocab-max 1000000
   python -m data_pipeline inspect data/ml100k
 
 Bad input exits with status 2 and `error: <file, column, row, value>` on stderr.
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     ml = kinds.add_parser("movielens", help="u.data / ratings.dat / ratings.csv (auto-detected)")
     ml.add_argument("--src", required=True)
     ml.add_argument("--out", required=True)
+    ml.add_argument("--label-kind", choices=["rating", "click"], default="rating",
+                    help="rating: the raw rating; click: 1 if rating >= --click-threshold else 0")
+    ml.add_argument("--click-threshold", type=float, default=None,
+                    help="with --label-kind click: ratings >= this are clicks (default: 4)")
     _add_split_args(ml, "reference")
 
     csv = kinds.add_parser("csv", help="any delimited interaction file with a column map")
@@ -80,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val-ratio", type=float, default=0.2)
     synth.add_argument("--overwrite", action="store_true")
 
+    ctr = sub.add_parser("synth-ctr", help="planted-cluster synthetic Criteo-like clicks")
+    ctr.add_argument("--out", required=True)
+    ctr.add_argument("--rows", type=int, required=True)
+    ctr.add_argument("--vocab-max", type=int, default=1_000_000,
+                     help="the largest vocabulary (user_id); sizes spread log-uniformly down to 10")
+    ctr.add_argument("--categorical", type=int, default=26,
+                     help="categorical features: user_id, item_id, sparse_C3.. (default: 26)")
+    ctr.add_argument("--dense", type=int, default=13, help="dense features dense_I1.. (default: 13)")
+    ctr.add_argument("--clusters", type=int, default=16, help="planted clusters per feature")
+    ctr.add_argument("--seed", type=int, default=0)
+    ctr.add_argument("--val-ratio", type=float, default=0.1)
+    ctr.add_argument("--overwrite", action="store_true")
+
     inspect = sub.add_parser("inspect", help="print a JSON summary of a prepared dataset")
     inspect.add_argument("dir")
     return parser
@@ -101,10 +120,17 @@ def run(args: argparse.Namespace) -> dict:
                                   interactions=args.interactions, clusters=args.clusters,
                                   seed=args.seed, label=args.label, val_ratio=args.val_ratio,
                                   overwrite=args.overwrite)
+    elif args.command == "synth-ctr":
+        from data_pipeline.synthetic_ctr import generate_synthetic_ctr
+        meta = generate_synthetic_ctr(args.out, rows=args.rows, vocab_max=args.vocab_max,
+                                      categorical=args.categorical, dense=args.dense,
+                                      clusters=args.clusters, seed=args.seed,
+                                      val_ratio=args.val_ratio, overwrite=args.overwrite)
     elif args.kind == "movielens":
         from data_pipeline.sources.movielens import prepare_movielens
         kw = _split_kwargs(args)
-        meta = prepare_movielens(args.src, args.out, **kw)
+        meta = prepare_movielens(args.src, args.out, label_kind=args.label_kind,
+                                 click_threshold=args.click_threshold, **kw)
     elif args.kind == "csv":
         from data_pipeline.sources.csv import parse_column_map, prepare_csv
         delimiter = args.delimiter.encode().decode("unicode_escape")
