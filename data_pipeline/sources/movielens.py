@@ -3,12 +3,17 @@
 ML-100K   u.data        tab-separated user, item, rating, timestamp; no header
 ML-1M/10M ratings.dat   `::`-separated, same columns; no header
 ML-20M/25M/latest  ratings.csv   comma-separated with header userId,movieId,rating,timestamp
+
+Labels: `label_kind="rating"` (default) keeps the rating; `label_kind="click"` makes a binary
+label, 1.0 if rating >= `click_threshold` (default 4) else 0.0, and records label_kind "click"
+and the threshold (meta.extra["click_threshold"]).
 """
 from __future__ import annotations
 
 import os
 import pathlib
 
+import numpy as np
 import pyarrow as pa
 
 from data_pipeline.dataset import DatasetMeta, check_output
@@ -62,16 +67,33 @@ def read_ratings(path: pathlib.Path) -> pa.Table:
     return table.select(NAMES)
 
 
+DEFAULT_CLICK_THRESHOLD = 4.0
+
+
 def prepare_movielens(src: str | os.PathLike, out: str | os.PathLike, *, split: str = "reference",
                       seed: int = 0, ratio: float = 0.8, k: int = 1, cut: int | None = None,
-                      cut_quantile: float | None = None, overwrite: bool = False) -> DatasetMeta:
+                      cut_quantile: float | None = None, label_kind: str = "rating",
+                      click_threshold: float | None = None,
+                      overwrite: bool = False) -> DatasetMeta:
     """Convert a MovieLens ratings file; the default split is the CEL reference split."""
+    if label_kind not in ("rating", "click"):
+        raise DataError(f"--label-kind must be rating|click, got {label_kind!r}")
+    if click_threshold is not None and label_kind != "click":
+        raise DataError("--click-threshold applies only with --label-kind click")
     check_output(out, overwrite)
     path = detect(src)
     table = read_ratings(path)
+    label = table.column("rating").to_numpy()
+    extra = None
+    if label_kind == "click":
+        threshold = float(DEFAULT_CLICK_THRESHOLD if click_threshold is None else click_threshold)
+        if not np.isfinite(threshold):
+            raise DataError(f"--click-threshold must be finite, got {threshold}")
+        label = (label >= threshold).astype(np.float32)
+        extra = {"click_threshold": threshold}
     return build_dataset(out, user=table.column("user"), item=table.column("item"),
-                         label=table.column("rating").to_numpy(),
-                         timestamp=table.column("timestamp").to_numpy(), label_kind="rating",
+                         label=label, extra=extra,
+                         timestamp=table.column("timestamp").to_numpy(), label_kind=label_kind,
                          source=f"movielens:{FORMATS[path.name]}:{path}", split=split,
                          split_args=dict(seed=seed, ratio=ratio, k=k, cut=cut,
                                          cut_quantile=cut_quantile), overwrite=overwrite)

@@ -155,3 +155,26 @@ def test_criteo(tmp_path):
     rnd = prepare_criteo(tmp_path / "criteo", tmp_path / "rnd", split="random", ratio=0.5, seed=1)
     assert 100 < rnd.splits["train"] < 200
     assert json.loads((tmp_path / "rnd" / "meta.json").read_text())["split"]["method"] == "random"
+
+
+def test_movielens_binary_click_labels(tmp_path, capsys):
+    raw = write_udata(tmp_path / "ml" / "u.data", n=300)
+    meta = prepare_movielens(tmp_path / "ml", tmp_path / "out", label_kind="click")
+    assert meta.label_kind == "click" and meta.extra["click_threshold"] == 4.0
+    ratings = prepare_movielens(tmp_path / "ml", tmp_path / "rating")
+    for split in ("train", "val"):                  # same rows and order, only the label differs
+        click, rating = read(tmp_path / "out", split), read(tmp_path / "rating", split)
+        assert click["timestamp"] == rating["timestamp"]
+        assert click["label"] == [float(r >= 4) for r in rating["label"]]
+    assert set(read(tmp_path / "out", "train")["label"]) == {0.0, 1.0}
+    from data_pipeline.__main__ import main
+    assert main(["prepare", "movielens", "--src", str(tmp_path / "ml"), "--out", str(tmp_path / "t5"),
+                 "--label-kind", "click", "--click-threshold", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["label_kind"] == "click"
+    labels = np.concatenate([read(tmp_path / "t5", s)["label"] for s in ("train", "val")])
+    assert labels.sum() == (raw[:, 2] >= 5).sum()
+    assert main(["prepare", "movielens", "--src", str(tmp_path / "ml"), "--out", str(tmp_path / "x"),
+                 "--click-threshold", "3"]) == 2
+    assert "only with --label-kind click" in capsys.readouterr().err
+    assert ratings.label_kind == "rating"
