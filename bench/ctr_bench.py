@@ -1,0 +1,105 @@
+"""CTR quality at equal embedding bytes: CEL, full, hashing and quotient-remainder under DLRM
+and DeepFM, on the Criteo-like synthetic dataset (`synth-ctr`) and on binary MovieLens-100K
+(rating >= 4 is a click).
+
+    python -m bench.ctr_bench [--rows 1000000] [--vocab-max 100000] [--compression 12]
+                              [--ml-compression 4,8] [--models dlrm,deepfm] [--epochs 2]
+                              [--ml-src ../shared/datasets/ml-100k] [--skip-ml]
+
+Every large table (>= --min-cardinality rows) of a run is compressed by the same rule
+(`embedding.compression`: its bytes to about 1/compression of full, CEL counting its int32 map);
+the others stay full. Same model, optimizer (Adagrad, fused FBGEMM tables), learning rate and
+epochs for every method; no per-method tuning. Each run is a `python -m trainer.main`
+subprocess whose metrics.json is read back. Writes bench/results/ctr.json.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from bench.common import print_table, write_results
+from bench.quality_ml100k import CONFIGS, ROOT, run_trainer
+
+# the base config: the embedded default's CEL schedule (coverage-closed split windows, doubling)
+CONFIGS["ctr"] = "configs/synthetic_small.yaml"
+
+METHODS = ("full", "cel", "hash", "qr")
+COMMON = ["data.kind=path", "train.loss=bce", "train.optimizer=adagrad", "train.lr=0.05", "model.embedding_dim=16",
+          "model.hidden=[64,32]", "model.dense_hidden=[32]", "cel.reassign_mode=lite",
+          "cel.reassign_per_epoch=1", "cel.lite_buffer_samples=131072", "data.batch_size=2048",
+          "data.eval_batch_size=16384"]
+COLUMNS = ["dataset", "model", "method", "compression", "embedding_bytes", "val_auc",
+           "val_logloss", "val_ne", "val_auc_cold", "train_time_s", "reassign_time_s"]
+
+
+def prepare(args, work: pathlib.Path) -> dict[str, pathlib.Path]:
+    data = {}
+    synth = ROOT / "data" / f"ctr_synth_{args.rows}_{args.vocab_max}"
+    if not (synth / "meta.json").exists():
+        subprocess.run([sys.executable, "-m", "data_pipeline", "synth-ctr", "--out", str(synth),
+                        "--rows", str(args.rows), "--vocab-max", str(args.vocab_max),
+                        "--overwrite"], check=True, cwd=ROOT)
+    data["synthetic_ctr"] = synth
+    if not args.skip_ml:
+        ml = ROOT / "data" / "ml100k_click"
+        if not (ml / "meta.json").exists():
+            subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "movielens",
+                            "--src", str(args.ml_src), "--out", str(ml), "--label-kind", "click",
+                            "--overwrite"], check=True, cwd=ROOT)
+        data["ml100k_click"] = ml
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--vocab-max", type=int, default=100_000)
+    ap.add_argument("--compression", type=float, default=12.0)
+    ap.add_argument("--ml-compression", default="4,8")
+    ap.add_argument("--min-cardinality", type=int, default=1000)
+    ap.add_argument("--models", default="dlrm,deepfm")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ml-src", default=str(ROOT.parent / "shared" / "datasets" / "ml-100k"))
+    ap.add_argument("--skip-ml", action="store_true")
+    ap.add_argument("--name", default="ctr")
+    args = ap.parse_args()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        data = prepare(args, work)
+        for dataset, path in data.items():
+            ml = dataset.startswith("ml100k")
+            ratios = [float(x) for x in args.ml_compression.split(",")] if ml else [args.compression]
+            min_card = 500 if ml else args.min_cardinality
+            for model in args.models.split(","):
+                for method in args.methods.split(","):
+                    for ratio in ([None] if method == "full" else ratios):
+                        name = f"{dataset}-{model}-{method}-{ratio}"
+                        over = [*COMMON, f"model.name={model}", f"embedding.method={method}",
+                                f"train.epochs={args.epochs}", f"embedding.min_cardinality={min_card}"]
+                        if ratio is not None:
+                            over.append(f"embedding.compression={ratio}")
+                        print(f"[bench] {name}", flush=True)
+                        m = run_trainer("ctr", over, path, work, name)
+                        records.append({"dataset": dataset, "model": model, "method": method,
+                                        "target_compression": ratio,
+                                        **{k: m.get(k) for k in COLUMNS if k in m}})
+            # the achieved compression of each run, against the full run of its model
+            for rec in records:
+                if rec["dataset"] != dataset:
+                    continue
+                full = next(r for r in records if r["dataset"] == dataset
+                            and r["model"] == rec["model"] and r["method"] == "full")
+                rec["compression"] = round(full["embedding_bytes"] / rec["embedding_bytes"], 2)
+                rec["auc_minus_full"] = round(rec["val_auc"] - full["val_auc"], 4)
+    print_table(records, [*COLUMNS, "auc_minus_full"])
+    write_results(args.name, records, rows=args.rows, vocab_max=args.vocab_max,
+                  settings=COMMON, epochs=args.epochs)
+
+
+if __name__ == "__main__":
+    main()
