@@ -383,6 +383,20 @@ def _gauss_newton(model, embs: dict, dense, label, feature: str, loss: str):
     return dl[:, None] * jac, w * (jac * jac).sum(1) / jac.shape[1]
 
 
+def _linear_gradient(pred: torch.Tensor, label: torch.Tensor, x: torch.Tensor, d: int,
+                     loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradient `[b, d]` (zero past x's width) and Gauss-Newton curvature `[b]` of the
+    loss w.r.t. the embedding of a model linear in it (`pred = x . e + const`), in closed form."""
+    if loss == "mse":
+        dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
+    else:
+        p = torch.sigmoid(pred)
+        dl, w = p - label, p * (1 - p)
+    g = torch.zeros(label.numel(), d, dtype=x.dtype)
+    g[:, :x.shape[1]] = dl[:, None] * x
+    return g, w * (x * x).sum(1) / d
+
+
 def _linear_losses(x: torch.Tensor, const: torch.Tensor, label: torch.Tensor,
                    candidates: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-sample losses `[b, K]` of a model linear in the entity's embedding (`pred = x . e +
@@ -444,43 +458,23 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
         pred = model(embs, dense) if linear is not None else None
         for feature in features:
             ids, sample, share = _id_view(emb, kjt, feature)
-            if not _direct((ids, sample, share)):
+            direct = _direct((ids, sample, share))
+            if linear is not None:
+                x, const = linear(embs, dense, feature)
+                g, h = _linear_gradient(pred, label, x, d, loss)
+                offsets = offsets_of(table, ids) if offsets_of is not None and direct else None
+                if offsets is not None:
+                    const = const + (x * offsets[:, :x.shape[1]]).sum(1)
+                if direct:
+                    kept.append((x.float(), const.float(), label.float()))
+            else:
+                g, h = _gauss_newton(model, embs, dense, label, feature, loss)
+            if not direct:
                 # each id: its share of its sample's gradient, its share squared of the curvature
-                if linear is not None:
-                    x, _ = linear(embs, dense, feature)
-                    if loss == "mse":
-                        dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
-                    else:
-                        p = torch.sigmoid(pred)
-                        dl, w = p - label, p * (1 - p)
-                    g = torch.zeros(label.numel(), d, dtype=x.dtype)
-                    g[:, :x.shape[1]] = dl[:, None] * x
-                    h = w * (x * x).sum(1) / d
-                else:
-                    g, h = _gauss_newton(model, embs, dense, label, feature, loss)
                 if sample is not None:
                     g, h = g[sample], h[sample]
                 if share is not None:
                     g, h = g * share[:, None].to(g.dtype), h * (share * share).to(h.dtype)
-                ids_l.append(ids)
-                gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
-                continue
-            if linear is not None:
-                x, const = linear(embs, dense, feature)
-                if loss == "mse":
-                    dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
-                else:
-                    p = torch.sigmoid(pred)
-                    dl, w = p - label, p * (1 - p)
-                g = torch.zeros(ids.numel(), d, dtype=x.dtype)
-                g[:, :x.shape[1]] = dl[:, None] * x
-                h = w * (x * x).sum(1) / d
-                offsets = offsets_of(table, ids) if offsets_of is not None else None
-                if offsets is not None:
-                    const = const + (x * offsets[:, :x.shape[1]]).sum(1)
-                kept.append((x.float(), const.float(), label.float()))
-            else:
-                g, h = _gauss_newton(model, embs, dense, label, feature, loss)
             ids_l.append(ids)
             gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
         cache.append(kept if linear is not None and j < n_cache else None)
