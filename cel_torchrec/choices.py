@@ -8,5 +8,6 @@ SPLIT_METHODS = ("sign", "median")
 SPLIT_GRADIENTS = ("sum", "mean")                     # what GPCA decomposes per member
 UNSEEN_POLICIES = ("stay", "largest", "pooled")       # entities without (enough) data
 REASSIGN_MODES = ("exact", "lite")                    # the config adds "auto"
+LITE_SCORINGS = ("exact", "linearised")               # how CEL-Lite scores its candidates
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_column_wise", "data_parallel")
 BATCH_SCOPES = ("global", "local")                    # where `batch` averaging counts members

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from cel_torchrec.choices import REASSIGN_MODES
+from cel_torchrec.choices import LITE_SCORINGS, REASSIGN_MODES
 from cel_torchrec.algorithm import ReassignPlan, decide_reassignment_from_best
 # the phase schedule is part of this API (a training loop asks it what to run at each step)
 from cel_torchrec.algorithm import (REASSIGN, SPLIT, ClusterSchedule,  # noqa: F401
@@ -367,197 +367,250 @@ class RecentInteractions:
             self.add(kjt, b["dense"], b["label"])
 
 
-def _gauss_newton(model, embs: dict, dense, label, feature: str, loss: str):
-    """Per-sample gradient of the loss w.r.t. the `feature` embedding `[b, D]` and a scalar
-    Gauss-Newton curvature `[b]` (`w * |d pred / d e|^2 / D`, w = 2 for MSE, p(1-p) for BCE)."""
-    e = embs[feature].detach().requires_grad_(True)
+def _jacobians(model, embs: dict, dense, features: list[str]):
+    """Predictions `[b]` and, for every feature in `features`, each sample's `d pred / d e`
+    `[b, D]` of its pooled embedding, from one backward pass (a sample's prediction depends on
+    its own rows only, so the gradient of the summed predictions holds them row by row)."""
+    leaves = {f: embs[f].detach().requires_grad_(True) for f in features}
     with torch.enable_grad():
-        pred = model({**embs, feature: e}, dense)
-        jac = torch.autograd.grad(pred.sum(), e)[0]            # rows: each sample's own d pred/d e
-    pred = pred.detach()
-    if loss == "mse":
-        dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
-    else:
-        p = torch.sigmoid(pred)
-        dl, w = p - label, p * (1 - p)
-    return dl[:, None] * jac, w * (jac * jac).sum(1) / jac.shape[1]
+        pred = model({**embs, **leaves}, dense)
+        jacs = torch.autograd.grad(pred.sum(), [leaves[f] for f in features], allow_unused=True)
+    return pred.detach(), {f: torch.zeros_like(embs[f]) if j is None else j
+                           for f, j in zip(features, jacs)}
 
 
 def _linear_gradient(pred: torch.Tensor, label: torch.Tensor, x: torch.Tensor, d: int,
                      loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradient `[b, d]` (zero past x's width) and Gauss-Newton curvature `[b]` of the
-    loss w.r.t. the embedding of a model linear in it (`pred = x . e + const`), in closed form."""
+    """Per-interaction gradient `[n, d]` (zero past x's width) and Gauss-Newton curvature `[n]`
+    of the loss w.r.t. an entity row that enters the prediction as `x . row + const`."""
     if loss == "mse":
         dl, w = 2.0 * (pred - label), torch.full_like(pred, 2.0)
     else:
         p = torch.sigmoid(pred)
         dl, w = p - label, p * (1 - p)
-    g = torch.zeros(label.numel(), d, dtype=x.dtype)
+    g = torch.zeros(label.numel(), d, dtype=x.dtype, device=x.device)
     g[:, :x.shape[1]] = dl[:, None] * x
     return g, w * (x * x).sum(1) / d
 
 
 def _linear_losses(x: torch.Tensor, const: torch.Tensor, label: torch.Tensor,
                    candidates: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-sample losses `[b, K]` of a model linear in the entity's embedding (`pred = x . e +
-    const`) under per-sample candidate rows `candidates` `[b, K, D]`."""
+    """Per-interaction losses `[n, K]` of predictions `x . row + const` under candidate rows
+    `candidates` `[n, K, D]`."""
     width = x.shape[1]
-    pred = torch.bmm(candidates[:, :, :width], x[:, :, None])[:, :, 0] + const[:, None]
+    pred = torch.bmm(candidates[:, :, :width].to(x.dtype), x[:, :, None])[:, :, 0] + const[:, None]
     return per_sample_loss(pred, label[:, None].expand_as(pred), loss)
 
 
-@torch.no_grad()
-def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
-                  k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20):
-    """CEL-Lite proposal: only the entities seen in `recent` (the interactions since the last
-    reassignment), each over `k + 1` candidates: its cluster and the `k` clusters nearest to its
-    desired embedding after one Gauss-Newton step (`c - sum g / sum h` over its recent
-    interactions), scored exactly on those interactions. Memory O(seen x (k + D)) beside the
-    batches; multi-process: each rank reduces its rows by entity, the reduced rows are merged
-    over ranks, then each entity's candidate losses are reduced to its owner rank. Returns
-    `(seen, best, gain, counts, mean_loss)`, same on every rank (`mean_loss`: the recent loss
-    per interaction at the current assignment).
+def _first_order_forms(emb, model, kjt, dense, label, features_of: dict, rows: dict,
+                       assignment: dict, linear):
+    """One recent batch, every clustered table: the pooled lookups and, per (table, feature),
+    each id's `(ids, x, const, y, pred)` with the prediction as a function of that id's cluster
+    row `r` written `x . r + const` (exact for `linear_form` models; otherwise the first-order
+    expansion at the current row, `x = share * d pred / d e`). `const` holds the rest of the
+    sample: its other ids, the id's own unclustered parameters and every other feature."""
+    embs = _pooled(emb, kjt)
+    features = list(dict.fromkeys(f for fs in features_of.values() for f in fs))
+    if linear is not None:
+        pred = model(embs, dense)
+        xs = {f: linear(embs, dense, f)[0] for f in features}
+    else:
+        pred, xs = _jacobians(model, embs, dense, features)
+    forms = {}
+    for table, fs in features_of.items():
+        for feature in fs:
+            ids, sample, share = _id_view(emb, kjt, feature)
+            x, p, y = xs[feature], pred, label
+            if sample is not None:
+                x, p, y = x[sample], p[sample], y[sample]
+            if share is not None:
+                x = x * share[:, None].to(x.dtype)
+            current = rows[table][assignment[table][ids].long(), :x.shape[1]].to(x.dtype)
+            forms[(table, feature)] = (ids, x, p - (x * current).sum(1), y, p)
+    return embs, forms
 
-    Models linear in the entity's embedding (`model.linear_form`, e.g. MF) take the gradient in
-    closed form (`dl * x`, no autograd) and keep each sample's `(x, const)` from the first pass
-    for scoring (float32, at most `cache_bytes`; batches past it are looked up again), so the
-    second pass runs no embedding lookup."""
+
+@torch.no_grad()
+def lite_proposals(emb, model, recent: Iterable, tables: list[str], loss: str, env=None,
+                   k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20,
+                   scoring: str = "exact") -> dict:
+    """CEL-Lite proposals for every table in `tables` from one pass over `recent` (the
+    interactions since the last reassignment): only the entities seen there, each over `k + 1`
+    candidates, its cluster and the `k` clusters nearest to its desired embedding after one
+    Gauss-Newton step (`c - sum g / sum h` over its recent interactions), scored on those
+    interactions. Returns table -> `(seen, best, gain, counts, mean_loss)`, the same on every
+    rank (`mean_loss`: the recent loss per interaction at the current assignment).
+
+    The first pass looks each batch up once and takes every table's gradients together (one
+    closed-form product for `linear_form` models, otherwise one backward for all features), so
+    its cost is about one training step per batch whatever the number of tables. `scoring`:
+    `exact` evaluates the model itself under each candidate (one forward of `b * (k + 1)` rows
+    per batch and feature for models without a linear form); `linearised` scores the loss of the
+    model's first-order expansion in the moved row (exact for `linear_form` models, for which
+    both are the same), from per-interaction `(x, const)` kept from the first pass (float32, at
+    most `cache_bytes`; batches past it are looked up and differentiated again) -- no model
+    forward in the second pass. Memory O(seen x (k + D)) beside the batches; multi-process:
+    each rank reduces its rows by entity, the reduced rows are merged over ranks, then each
+    entity's candidate losses are reduced to its owner rank."""
     from cel_torchrec.distributed.collectives import all_gather_rows
+    if scoring not in LITE_SCORINGS:
+        raise ValueError(f"lite scoring must be one of {LITE_SCORINGS}, got {scoring!r}")
     env = _env(env)
-    features = _features(emb, table)
-    state = emb.cluster_states[table]
-    rows = emb.cluster_rows(table)
-    m, d = rows.shape
+    tables = list(tables)
+    features_of = {t: _features(emb, t) for t in tables}
+    states = {t: emb.cluster_states[t] for t in tables}
+    rows = {t: emb.cluster_rows(t) for t in tables}
+    assignment = {t: states[t].assignment for t in tables}
     batches = list(recent)
     offsets_of = getattr(emb, "entity_offsets", None)
     linear = getattr(model, "linear_form", None)
-    # the first `n_cache` batch positions keep their (x, const, label): the same positions on
-    # every rank, so that all ranks skip the same lookups of the second pass (sharded lookups
-    # are collectives; a padding batch at a cached position is skipped)
+    by_form = linear is not None or scoring == "linearised"
+    # the first `n_cache` batch positions keep their forms: the same positions on every rank, so
+    # that all ranks skip the same lookups of the second pass (sharded lookups are collectives;
+    # a padding batch at a cached position is skipped)
     n_cache = 0
-    # multi-hot or weighted bags score per id (no cache): then no position caches, so that
-    # every rank runs the same lookups
-    per_id = torch.tensor([int(any(not _direct(_id_view(emb, item[0], f))
-                                   for item in batches if _valid(item) for f in features))])
-    if env.distributed:
-        all_reduce_(per_id, env, op="max")
-    if linear is not None and batches and not int(per_id[0]):
-        largest = torch.tensor([max(int(item[2].numel()) for item in batches)])
+    if by_form and batches:
+        width = max(r.shape[1] for r in rows.values()) + 4       # x, const, label, id
+        largest = torch.tensor([max(sum(int(item[0][f].values().numel())
+                                        for fs in features_of.values() for f in fs)
+                                    for item in batches)])
         if env.distributed:
             all_reduce_(largest, env, op="max")
-        n_cache = cache_bytes // max(int(largest[0]) * (d + 2) * 4 * len(features), 1)
+        n_cache = cache_bytes // max(int(largest[0]) * width * 4, 1)
     # pass 1: per-entity count, curvature and gradient; ids in (batch, feature) order
-    ids_l, gh_l, cache = [], [], []
+    ids_l = {t: [] for t in tables}
+    gh_l = {t: [] for t in tables}
+    cache = []
     for j, item in enumerate(batches):
         kjt, dense, label = item[:3]
-        embs = _pooled(emb, kjt)
         if not _valid(item):
+            _pooled(emb, kjt)       # (a padding batch still runs its lookup)
             cache.append(None)
             continue
-        kept = []
-        pred = model(embs, dense) if linear is not None else None
-        for feature in features:
-            ids, sample, share = _id_view(emb, kjt, feature)
-            direct = _direct((ids, sample, share))
-            if linear is not None:
-                x, const = linear(embs, dense, feature)
-                g, h = _linear_gradient(pred, label, x, d, loss)
-                offsets = offsets_of(table, ids) if offsets_of is not None and direct else None
-                if offsets is not None:
-                    const = const + (x * offsets[:, :x.shape[1]]).sum(1)
-                if direct:
-                    kept.append((x.float(), const.float(), label.float()))
-            else:
-                g, h = _gauss_newton(model, embs, dense, label, feature, loss)
-            if not direct:
-                # each id: its share of its sample's gradient, its share squared of the curvature
-                if sample is not None:
-                    g, h = g[sample], h[sample]
-                if share is not None:
-                    g, h = g * share[:, None].to(g.dtype), h * (share * share).to(h.dtype)
-            ids_l.append(ids)
-            gh_l.append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
-        cache.append(kept if linear is not None and j < n_cache else None)
-    ids = torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.long)
-    seen, inverse = torch.unique(ids, return_inverse=True)
-    stats = torch.zeros(seen.numel(), d + 2, dtype=torch.float64)    # count, h, g per entity
-    at = 0
-    for part in gh_l:
-        stats.index_add_(0, inverse[at:at + part.shape[0]], part.double())
-        at += part.shape[0]
-    del gh_l
-    if env.distributed:          # merge the ranks' per-entity rows
-        packed = all_gather_rows(torch.cat([seen.double()[:, None], stats], dim=1), None)
-        seen, inverse_global = torch.unique(packed[:, 0].long(), return_inverse=True)
-        stats = torch.zeros(seen.numel(), d + 2, dtype=torch.float64)
-        stats.index_add_(0, inverse_global, packed[:, 1:])
-        del packed
-        inverse = None
-    counts, h_sum, g_sum = stats[:, 0], stats[:, 1], stats[:, 2:]
-    current = state.assignment[seen].long()
-    desired = rows[current].double() - g_sum / h_sum.clamp_min(1e-12)[:, None]
-    kk = min(k, m)
-    cands = torch.empty(seen.numel(), kk + 1, dtype=torch.long)
-    rows64 = rows.double()
-    step = max(1, max_rows // m)
-    for start in range(0, seen.numel(), step):             # chunks of entities, bounded count
-        sl = slice(start, start + step)
-        dist2 = torch.cdist(desired[sl], rows64)
-        cands[sl, 1:] = dist2.topk(kk, dim=1, largest=False).indices
-    cands[:, 0] = current                               # column 0: the current cluster
-    del stats, desired
-    # pass 2: exact losses of each recent interaction under its entity's candidates
-    losses = torch.zeros(seen.numel(), kk + 1, dtype=torch.float64)
-    chunk = max(1, max_rows // (kk + 1))
-    at = 0
+        _, forms = _first_order_forms(emb, model, kjt, dense, label, features_of, rows,
+                                      assignment, linear)
+        for (table, _), (ids, x, _, y, p) in forms.items():
+            g, h = _linear_gradient(p, y, x, rows[table].shape[1], loss)
+            ids_l[table].append(ids)
+            gh_l[table].append(torch.cat([torch.ones_like(h)[:, None], h[:, None], g], dim=1))
+        cache.append({key: (f[0], f[1].float(), f[2].float(), f[3].float())
+                      for key, f in forms.items()} if by_form and j < n_cache else None)
+        del forms
+    seen, inverse, counts, cands = {}, {}, {}, {}
+    for table in tables:
+        state, r = states[table], rows[table]
+        m, d = r.shape
+        ids = torch.cat(ids_l[table]) if ids_l[table] else torch.zeros(0, dtype=torch.long)
+        s, inv = torch.unique(ids, return_inverse=True)
+        stats = torch.zeros(s.numel(), d + 2, dtype=torch.float64)    # count, h, g per entity
+        at = 0
+        for part in gh_l[table]:
+            stats.index_add_(0, inv[at:at + part.shape[0]], part.double())
+            at += part.shape[0]
+        gh_l[table] = None
+        if env.distributed:          # merge the ranks' per-entity rows
+            packed = all_gather_rows(torch.cat([s.double()[:, None], stats], dim=1), None)
+            s, inverse_global = torch.unique(packed[:, 0].long(), return_inverse=True)
+            stats = torch.zeros(s.numel(), d + 2, dtype=torch.float64)
+            stats.index_add_(0, inverse_global, packed[:, 1:])
+            del packed
+            inv = None
+        count, h_sum, g_sum = stats[:, 0], stats[:, 1], stats[:, 2:]
+        current = state.assignment[s].long()
+        desired = r[current].double() - g_sum / h_sum.clamp_min(1e-12)[:, None]
+        kk = min(k, m)
+        c = torch.empty(s.numel(), kk + 1, dtype=torch.long)
+        r64 = r.double()
+        step = max(1, max_rows // m)
+        for start in range(0, s.numel(), step):             # chunks of entities, bounded count
+            sl = slice(start, start + step)
+            c[sl, 1:] = torch.cdist(desired[sl], r64).topk(kk, dim=1, largest=False).indices
+        c[:, 0] = current                               # column 0: the current cluster
+        seen[table], inverse[table], counts[table], cands[table] = s, inv, count, c
+        del stats, desired
+    # pass 2: the losses of each recent interaction under its entity's candidates
+    losses = {t: torch.zeros(seen[t].numel(), cands[t].shape[1], dtype=torch.float64)
+              for t in tables}
+    at = {t: 0 for t in tables}
+    chunk = max(1, max_rows // (k + 1))
+
+    def slots(table, ids):
+        inv = inverse[table]
+        out = (inv[at[table]:at[table] + ids.numel()] if inv is not None
+               else torch.searchsorted(seen[table], ids))
+        at[table] += ids.numel()
+        return out
+
     for j, (item, kept) in enumerate(zip(batches, cache)):
         kjt, dense, label = item[:3]
         if kept is None and j < n_cache:        # a padding batch at a cached position
             continue
         if kept is None:
-            embs = _pooled(emb, kjt)      # (a padding batch still runs its lookup)
             if not _valid(item):
+                _pooled(emb, kjt)       # (a padding batch still runs its lookup)
                 continue
-        for fi, feature in enumerate(features):
-            ids, sample, share = _id_view(emb, kjt, feature)
-            slot = (inverse[at:at + ids.numel()] if inverse is not None
-                    else torch.searchsorted(seen, ids))
-            at += ids.numel()
-            if not _direct((ids, sample, share)):      # (never cached: see n_cache)
-                e, dd, y, base, sh = _id_inputs(embs, dense, label, feature, ids, sample, share,
-                                                rows, state.assignment)
+            if by_form:
+                _, forms = _first_order_forms(emb, model, kjt, dense, label, features_of, rows,
+                                              assignment, linear)
+                kept = {key: f[:4] for key, f in forms.items()}
+                del forms
+        if kept is not None:
+            for (table, _), (ids, x, const, y) in kept.items():
+                slot = slots(table, ids)
                 for start in range(0, ids.numel(), chunk):
                     sl = slice(start, start + chunk)
-                    cand_rows = base[sl, None, :] + sh[sl, None, None] * rows[cands[slot[sl]]].to(base.dtype)
-                    lc = candidate_losses(model, {key: v[sl] for key, v in e.items()},
-                                          None if dd is None else dd[sl], y[sl], feature, loss,
-                                          cand_rows)
-                    losses.index_add_(0, slot[sl], lc.double())
-                continue
-            if kept is None:
+                    lc = _linear_losses(x[sl], const[sl], y[sl], rows[table][cands[table][slot[sl]]],
+                                        loss)
+                    losses[table].index_add_(0, slot[sl], lc.double())
+            continue
+        embs = _pooled(emb, kjt)
+        for table in tables:
+            rows_t, cands_t = rows[table], cands[table]
+            for feature in features_of[table]:
+                ids, sample, share = _id_view(emb, kjt, feature)
+                slot = slots(table, ids)
+                if not _direct((ids, sample, share)):
+                    e, dd, y, base, sh = _id_inputs(embs, dense, label, feature, ids, sample,
+                                                    share, rows_t, assignment[table])
+                    for start in range(0, ids.numel(), chunk):
+                        sl = slice(start, start + chunk)
+                        cand_rows = (base[sl, None, :]
+                                     + sh[sl, None, None] * rows_t[cands_t[slot[sl]]].to(base.dtype))
+                        lc = candidate_losses(model, {key: v[sl] for key, v in e.items()},
+                                              None if dd is None else dd[sl], y[sl], feature,
+                                              loss, cand_rows)
+                        losses[table].index_add_(0, slot[sl], lc.double())
+                    continue
                 offsets = offsets_of(table, ids) if offsets_of is not None else None
-            for start in range(0, label.numel(), chunk):
-                sl = slice(start, start + chunk)
-                cand_rows = rows[cands[slot[sl]]]
-                if kept is not None:
-                    x, const, lab = kept[fi]
-                    lc = _linear_losses(x[sl], const[sl], lab[sl], cand_rows, loss)
-                else:
+                for start in range(0, label.numel(), chunk):
+                    sl = slice(start, start + chunk)
                     lc = candidate_losses(model, {key: v[sl] for key, v in embs.items()},
                                           None if dense is None else dense[sl], label[sl],
-                                          feature, loss, cand_rows,
+                                          feature, loss, rows_t[cands_t[slot[sl]]],
                                           None if offsets is None else offsets[sl])
-                losses.index_add_(0, slot[sl], lc.double())
+                    losses[table].index_add_(0, slot[sl], lc.double())
     del cache
-    if env.distributed:          # each entity's losses summed at its owner, then shared
-        owner = torch.bucketize(seen, torch.tensor(_owner_bounds(state.num_entities, env.world_size)[1:-1]),
-                                right=True)
-        losses = _reduce_sparse_to_owners(losses, owner, env)
-    vals, pick = losses.min(dim=1)          # first minimum: the current cluster on ties
-    best = cands.gather(1, pick[:, None])[:, 0]
-    gain = losses[:, 0] - vals
-    mean_loss = float(losses[:, 0].sum()) / max(float(counts.sum()), 1.0)
-    return seen, best, gain, counts.to(torch.int32), mean_loss
+    out = {}
+    for table in tables:
+        lo = losses[table]
+        if env.distributed:          # each entity's losses summed at its owner, then shared
+            bounds = _owner_bounds(states[table].num_entities, env.world_size)[1:-1]
+            owner = torch.bucketize(seen[table], torch.tensor(bounds), right=True)
+            lo = _reduce_sparse_to_owners(lo, owner, env)
+        vals, pick = lo.min(dim=1)          # first minimum: the current cluster on ties
+        best = cands[table].gather(1, pick[:, None])[:, 0]
+        mean_loss = float(lo[:, 0].sum()) / max(float(counts[table].sum()), 1.0)
+        out[table] = (seen[table], best, lo[:, 0] - vals, counts[table].to(torch.int32),
+                      mean_loss)
+    return out
+
+
+def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
+                  k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20,
+                  scoring: str = "exact"):
+    """`lite_proposals` of one table: `(seen, best, gain, counts, mean_loss)`."""
+    return lite_proposals(emb, model, recent, [table], loss, env, k=k, max_rows=max_rows,
+                          cache_bytes=cache_bytes, scoring=scoring)[table]
 
 
 def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: object) -> torch.Tensor:
@@ -600,48 +653,85 @@ def resolve_reassign_mode(mode: str, emb) -> str | None:
     return "exact" if cells <= EXACT_MAX_CELLS else "lite"
 
 
-def run_reassignment(emb, model, batches, table: str, *, loss: str, generator: torch.Generator,
-                     env=None, keep_prob: float = 0.31,
-                     optimizer: torch.optim.Optimizer | None = None, mode: str = "exact",
-                     recent: Iterable | None = None, lite_k: int = 8,
-                     memory_bytes: int = 256 << 20, lite_cache_bytes: int = 128 << 20,
-                     min_gain: float = 0.0) -> tuple[ReassignPlan, PhaseReport]:
-    """Reassignment of `table`'s entities, `exact` (every entity with data, every cluster, over
-    `batches`: an iterable, or a callable returning a fresh one per cluster block) or `lite`
-    (CEL-Lite over `recent`); the same decision on every rank (identical reduced proposals and
-    identically seeded generators). An entity moves only if its loss falls by more than
+def run_reassignments(emb, model, batches, tables: list[str], *, loss: str,
+                      generator: torch.Generator, env=None, keep_prob: float = 0.31,
+                      optimizer: torch.optim.Optimizer | None = None, mode: str = "exact",
+                      recent: Iterable | None = None, lite_k: int = 8,
+                      lite_scoring: str = "exact", memory_bytes: int = 256 << 20,
+                      lite_cache_bytes: int = 128 << 20,
+                      min_gain: float = 0.0) -> list[tuple[ReassignPlan, PhaseReport]]:
+    """Reassignment of the entities of each table in `tables`, `exact` (every entity with data,
+    every cluster, over `batches`: an iterable, or a callable returning a fresh one per cluster
+    block; one table after the other, each after the plans before it are applied) or `lite`
+    (CEL-Lite over `recent`: every table's proposal from one shared pass, see `lite_proposals`,
+    before any plan is applied); the same decision on every rank (identical reduced proposals
+    and identically seeded generators). An entity moves only if its loss falls by more than
     `min_gain` times the mean loss per interaction (a likelihood-ratio test: with few
-    interactions the argmin over many clusters mostly fits noise)."""
+    interactions the argmin over many clusters mostly fits noise). Each report's `seconds`: the table's own
+    exact pass or decision, plus an equal share of a shared Lite pass."""
     if mode not in REASSIGN_MODES:
         raise ValueError(f"reassign mode must be one of {REASSIGN_MODES}, got {mode!r}")
+    if lite_scoring not in LITE_SCORINGS:
+        raise ValueError(f"lite scoring must be one of {LITE_SCORINGS}, got {lite_scoring!r}")
     env = _env(env)
+    tables = list(tables)
     t0 = time.perf_counter()
+    if hasattr(emb, "sync_statistics"):
+        emb.sync_statistics(tables)
     was_training = emb.training
+    out = []
+
+    def decide(table, proposal, seconds):
+        t1 = time.perf_counter()
+        plan, detail = _decide_and_apply(emb, table, proposal, mode, generator, keep_prob,
+                                         optimizer, min_gain)
+        detail["mode"] = mode
+        if mode == "lite":
+            detail["lite_scoring"] = lite_scoring
+        out.append((plan, PhaseReport("reassign", table, seconds + time.perf_counter() - t1,
+                                      emb.cluster_states[table].num_active, detail)))
+
+    if mode == "exact":     # one table after the other: each sees the plans applied before it
+        if callable(batches):
+            make = batches
+        else:
+            materialised = list(batches)
+            make = lambda: iter(materialised)   # noqa: E731
+        for table in tables:
+            t1 = time.perf_counter()
+            ccfg = emb.clustering_config(table)
+            pooled_below = (max(int(getattr(ccfg, "cold_interactions", 1)), 1)
+                            if getattr(ccfg, "unseen_policy", "stay") == "pooled" else None)
+            emb.eval()
+            try:    # entities with too few interactions are treated like entities without data
+                proposal = exact_proposal(emb, model, make, table, loss, env,
+                                          memory_bytes=memory_bytes, pooled_below=pooled_below)
+            finally:
+                emb.train(was_training)
+            decide(table, proposal, time.perf_counter() - t1)
+        return out
     emb.eval()
+    try:
+        lite = lite_proposals(emb, model, recent if recent is not None else batches, tables,
+                              loss, env, k=lite_k, cache_bytes=lite_cache_bytes,
+                              scoring=lite_scoring)
+    finally:
+        emb.train(was_training)
+    shared = (time.perf_counter() - t0) / max(len(tables), 1)
+    for table in tables:
+        seen, best, gain, counts, mean_loss = lite.pop(table)
+        decide(table, (seen, best, gain, counts, None, mean_loss), shared)
+    return out
+
+
+def _decide_and_apply(emb, table: str, proposal, mode: str, generator, keep_prob: float,
+                      optimizer, min_gain: float) -> tuple[ReassignPlan, dict]:
+    """One table's plan from its proposal (the unseen policy, damping, the gain test), applied."""
+    seen, best, gain, counts, pooled, mean_loss = proposal
     state = emb.cluster_states[table]
     ccfg = emb.clustering_config(table)
     policy = getattr(ccfg, "unseen_policy", "stay")
     min_count = max(int(getattr(ccfg, "cold_interactions", 1)), 1)
-    if hasattr(emb, "sync_statistics"):
-        emb.sync_statistics([table])
-    try:
-        if mode == "exact":
-            if callable(batches):
-                make = batches
-            else:
-                materialised = list(batches)
-                make = lambda: iter(materialised)   # noqa: E731
-            # entities with too few interactions are treated like entities without data
-            seen, best, gain, counts, pooled, mean_loss = exact_proposal(
-                emb, model, make, table, loss, env, memory_bytes=memory_bytes,
-                pooled_below=min_count if policy == "pooled" else None)
-        else:
-            seen, best, gain, counts, mean_loss = lite_proposal(emb, model, recent if recent is not None else batches,
-                                                     table, loss, env, k=lite_k,
-                                                     cache_bytes=lite_cache_bytes)
-            pooled = None
-    finally:
-        emb.train(was_training)
     unseen_to, unseen = None, None
     if policy != "stay":
         if mode == "exact":
@@ -663,14 +753,17 @@ def run_reassignment(emb, model, batches, table: str, *, loss: str, generator: t
                                          unseen_to=unseen_to, unseen=unseen,
                                          min_gain=min_gain * mean_loss)
     emb.apply_reassignment(table, plan, optimizer)
-    report = PhaseReport("reassign", table, time.perf_counter() - t0, state.num_active,
-                         {"moved": plan.num_moved, "entities_with_data": int(seen.numel()),
-                          "kept_by_damping": plan.num_kept_by_damping,
-                          "kept_below_min_gain": plan.num_kept_below_min_gain,
-                          "mean_loss": mean_loss,
-                          "kept_to_avoid_empty": plan.num_kept_to_avoid_empty,
-                          "refilled": int(plan.row_dst.numel()), "mode": mode})
-    return plan, report
+    return plan, {"moved": plan.num_moved, "entities_with_data": int(seen.numel()),
+                  "kept_by_damping": plan.num_kept_by_damping,
+                  "kept_below_min_gain": plan.num_kept_below_min_gain,
+                  "mean_loss": mean_loss,
+                  "kept_to_avoid_empty": plan.num_kept_to_avoid_empty,
+                  "refilled": int(plan.row_dst.numel())}
+
+
+def run_reassignment(emb, model, batches, table: str, **kwargs) -> tuple[ReassignPlan, PhaseReport]:
+    """`run_reassignments` of one table: its `(plan, report)`."""
+    return run_reassignments(emb, model, batches, [table], **kwargs)[0]
 
 
 def run_split(emb, table: str, optimizer, reopen: Callable[[], None] | None = None) -> PhaseReport:

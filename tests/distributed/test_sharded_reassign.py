@@ -81,11 +81,13 @@ def _worker(rank, world):
     lin_local = ([(kjt(extra_b[0][mine], extra_b[1][mine]), None, extra_b[2][mine], True)] if rank == 0
                  else [(kjt(extra_b[0][:0], extra_b[1][:0]), None, extra_b[2][:0], False)]) + local
     lin_full = [(kjt(extra_b[0][:half], extra_b[1][:half]), None, extra_b[2][:half])] + full
-    cache = 2 * half * (DIM + 2) * 4
+    cache = 2 * half * (DIM + 4) * 4       # two positions of (x, const, label, id) per id
     for mode, kw, model, loc, glob in (
             ("exact", {"memory_bytes": 8 * ITEMS * 2}, Dot(), local, full),
             ("lite", {"lite_k": 2}, Dot(), local, full),
-            ("lite_linear", {"lite_k": 2, "lite_cache_bytes": cache}, LinearDot(), lin_local, lin_full)):
+            ("lite_linear", {"lite_k": 2, "lite_cache_bytes": cache}, LinearDot(), lin_local, lin_full),
+            ("lite_linearised", {"lite_k": 2, "lite_cache_bytes": cache, "lite_scoring": "linearised"},
+             Dot(), lin_local, lin_full)):
         full_b, local_b = glob, loc
         o, s = copy.deepcopy(oracle), sharded
         before = s.cluster_states["item"].assignment.clone()
@@ -108,3 +110,4 @@ def test_sharded_exact_and_lite_reassignment_match_the_oracle_on_every_rank():
     results = run_ranks(_worker)
     assert results[0] == results[1]
     assert results[0]["exact"] > 0 and results[0]["lite"] > 0 and results[0]["lite_linear"] > 0
+    assert results[0]["lite_linearised"] > 0
