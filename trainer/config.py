@@ -17,8 +17,8 @@ from typing import Any, Union
 
 import yaml
 
-from cel_torchrec.choices import (BATCH_SCOPES, GRAD_AVERAGES, REASSIGN_MODES, SHARDING_TYPES,
-                                  SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS, UNSEEN_POLICIES)
+from cel_torchrec.choices import (BATCH_SCOPES, GRAD_AVERAGES, LITE_SCORINGS, REASSIGN_MODES,
+                                  SHARDING_TYPES, SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS, UNSEEN_POLICIES)
 
 
 class ConfigError(ValueError):
@@ -150,6 +150,11 @@ class CelConfig:
     # (one pass, <= 256 MiB of float64 losses), else lite
     reassign_mode: str = _choice("auto", "auto", *REASSIGN_MODES)
     lite_k: int = 8
+    # how Lite scores a candidate on a recent interaction: exact (the model's own loss with the
+    # row moved: one forward of batch x (lite_k + 1) rows per batch and feature for models
+    # without a linear form) or linearised (the loss of the model's first-order expansion in the
+    # moved row, from the first pass's gradients: no second forward; the same for linear models)
+    lite_scoring: str = _choice("exact", *LITE_SCORINGS)
     lite_buffer_samples: int = 1 << 21
     freeze_after: int | None = None
     # synthetic data only: start every clustered table from the planted clusters (num_active =

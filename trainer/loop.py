@@ -16,7 +16,7 @@ import torch
 from cel_torchrec.modules import ClusteredEmbeddingBagCollection, FullEmbeddingBagCollection
 from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInteractions,
                                  coverage_window_steps, per_sample_loss, resolve_reassign_mode,
-                                 run_reassignment, run_split)
+                                 run_reassignments, run_split)
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.builders import (CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset,
                               table_specs)
@@ -303,19 +303,25 @@ class TrainRecipe:
         self.state_bytes_peak = max(self.state_bytes_peak, self.embedding_state_bytes())
         if REASSIGN in actions and self.recent is not None:
             recent = list(padded(iter(self.recent), self.env))     # equal batch counts on every rank
-        for table in self.cel.clustered_tables:
-            if table in split_tables:
-                reports.append(run_split(self.cel, table, self.optimizer,
-                                         reopen=lambda tb=table: self._open_split_window(tb)))
+        # exact: each table split then reassigned in turn; Lite: every split, then one shared
+        # pass proposes every table's moves
+        lite = self.reassign_mode == "lite"
+        groups = ([self.cel.clustered_tables] if lite else
+                  [[tb] for tb in self.cel.clustered_tables])
+        for group in groups:
+            for table in group:
+                if table in split_tables:
+                    reports.append(run_split(self.cel, table, self.optimizer,
+                                             reopen=lambda tb=table: self._open_split_window(tb)))
             if REASSIGN in actions:
-                _, rep = run_reassignment(
+                reports += [rep for _, rep in run_reassignments(
                     self.cel, self.interaction_model,
-                    lambda: padded(self.reassign_source.epoch(0), self.env), table,
+                    lambda: padded(self.reassign_source.epoch(0), self.env), group,
                     loss=self.cfg.train.loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
-                    lite_k=self.cfg.cel.lite_k, min_gain=self.cfg.cel.reassign_min_gain)
-                reports.append(rep)
+                    lite_k=self.cfg.cel.lite_k, lite_scoring=self.cfg.cel.lite_scoring,
+                    min_gain=self.cfg.cel.reassign_min_gain)]
         if REASSIGN in actions and self.recent is not None:
             self.recent.clear()
         for rep in reports:

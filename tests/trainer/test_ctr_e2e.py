@@ -45,3 +45,20 @@ def test_ctr_model_trains_on_every_feature_with_cel_at_a_budget(tmp_path, ctr_da
         assert cel[f"num_clusters_{t}"] > 1, t
     assert 2.5 < full["embedding_bytes"] / cel["embedding_bytes"] < 5
     assert cel["val_auc"] > 0.55
+
+
+def test_linearised_lite_reassigns_every_large_table_in_one_shared_pass(tmp_path, ctr_data):
+    """`cel.lite_scoring=linearised` under DLRM: each reassignment event holds one record per
+    clustered table, all at the same step, scored linearised; the run still learns."""
+    cel = run_worker(ctr_config(tmp_path, ctr_data, "lin", "model.name=dlrm",
+                                "embedding.method=cel", "embedding.compression=4",
+                                "cel.lite_scoring=linearised"))
+    events = [json.loads(line) for line in (tmp_path / "lin" / "phases.jsonl").read_text().splitlines()]
+    reassigns = [e for e in events if e["kind"] == "reassign"]
+    clustered = [k for k in cel if k.startswith("num_clusters_")]      # users, items, sparse_*
+    assert len(clustered) >= 3
+    assert reassigns and {e["lite_scoring"] for e in reassigns} == {"linearised"}
+    for step in {e["step"] for e in reassigns}:
+        assert len({e["table"] for e in reassigns if e["step"] == step}) == len(clustered)
+    assert sum(e["moved"] for e in reassigns) > 0
+    assert cel["val_auc"] > 0.55
