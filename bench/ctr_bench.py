@@ -31,7 +31,7 @@ COMMON = ["data.kind=path", "train.loss=bce", "train.optimizer=adagrad", "train.
           "model.hidden=[64,32]", "model.dense_hidden=[32]", "cel.reassign_mode=lite",
           "cel.reassign_per_epoch=1", "cel.lite_buffer_samples=131072", "data.batch_size=2048",
           "data.eval_batch_size=16384"]
-COLUMNS = ["dataset", "model", "method", "compression", "embedding_bytes", "val_auc",
+COLUMNS = ["dataset", "model", "method", "lite_scoring", "compression", "embedding_bytes", "val_auc",
            "val_logloss", "val_ne", "val_auc_cold", "train_time_s", "reassign_time_s"]
 
 
@@ -53,6 +53,24 @@ def prepare(args, work: pathlib.Path) -> dict[str, pathlib.Path]:
     return data
 
 
+def oracle_auc(path: pathlib.Path) -> float:
+    """Validation AUC of the planted click logit itself (synthetic data): the ceiling a learned
+    model approaches."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from data_pipeline.dataset import load_meta
+    from data_pipeline.synthetic_ctr import CtrModel
+    from trainer.metrics import auc_score
+    meta = load_meta(path)
+    t = pq.read_table(path / "val")
+    model = CtrModel(meta.extra["synthetic_ctr"])
+    columns = ["user_id", "item_id", *(f"sparse_C{c}" for c in range(3, len(model.features) + 1))]
+    ids = [t.column(c).to_numpy().astype(np.int64) for c in columns]
+    dense = np.stack([t.column(c).to_numpy() for c in meta.dense_features], axis=1)
+    return auc_score(model.logit(ids, dense), t.column("label").to_numpy())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -64,6 +82,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--ml-src", default=str(ROOT.parent / "shared" / "datasets" / "ml-100k"))
+    ap.add_argument("--lite-scoring", default="exact",
+                    help="comma list of cel.lite_scoring values; CEL runs once with each")
     ap.add_argument("--skip-ml", action="store_true")
     ap.add_argument("--name", default="ctr")
     args = ap.parse_args()
@@ -71,23 +91,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         data = prepare(args, work)
+        oracle = oracle_auc(data["synthetic_ctr"])
+        print(f"[bench] synthetic_ctr: planted-logit val AUC {oracle:.4f}", flush=True)
         for dataset, path in data.items():
             ml = dataset.startswith("ml100k")
             ratios = [float(x) for x in args.ml_compression.split(",")] if ml else [args.compression]
             min_card = 500 if ml else args.min_cardinality
             for model in args.models.split(","):
                 for method in args.methods.split(","):
-                    for ratio in ([None] if method == "full" else ratios):
-                        name = f"{dataset}-{model}-{method}-{ratio}"
+                    scorings = args.lite_scoring.split(",") if method == "cel" else [None]
+                    for ratio, scoring in ((r, sc) for r in ([None] if method == "full" else ratios)
+                                           for sc in scorings):
+                        name = f"{dataset}-{model}-{method}-{ratio}-{scoring}"
                         over = [*COMMON, f"model.name={model}", f"embedding.method={method}",
                                 f"train.epochs={args.epochs}", f"embedding.min_cardinality={min_card}"]
                         if ratio is not None:
                             over.append(f"embedding.compression={ratio}")
+                        if scoring is not None:
+                            over.append(f"cel.lite_scoring={scoring}")
                         print(f"[bench] {name}", flush=True)
                         m = run_trainer("ctr", over, path, work, name)
                         records.append({"dataset": dataset, "model": model, "method": method,
-                                        "target_compression": ratio,
-                                        **{k: m.get(k) for k in COLUMNS if k in m}})
+                                        "lite_scoring": scoring, "target_compression": ratio,
+                                        **{k: m.get(k) for k in COLUMNS if k in m},
+                                        "clusters": sum(v for k, v in m.items()
+                                                        if k.startswith("num_clusters_")) or None})
             # the achieved compression of each run, against the full run of its model
             for rec in records:
                 if rec["dataset"] != dataset:
@@ -96,9 +124,9 @@ def main() -> None:
                             and r["model"] == rec["model"] and r["method"] == "full")
                 rec["compression"] = round(full["embedding_bytes"] / rec["embedding_bytes"], 2)
                 rec["auc_minus_full"] = round(rec["val_auc"] - full["val_auc"], 4)
-    print_table(records, [*COLUMNS, "auc_minus_full"])
+    print_table(records, [*COLUMNS, "clusters", "auc_minus_full"])
     write_results(args.name, records, rows=args.rows, vocab_max=args.vocab_max,
-                  settings=COMMON, epochs=args.epochs)
+                  settings=COMMON, epochs=args.epochs, synthetic_oracle_auc=round(oracle, 4))
 
 
 if __name__ == "__main__":
