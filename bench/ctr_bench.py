@@ -116,6 +116,9 @@ def main() -> None:
                                         **{k: m.get(k) for k in COLUMNS if k in m},
                                         "clusters": sum(v for k, v in m.items()
                                                         if k.startswith("num_clusters_")) or None})
+                        print(f"[bench] {name}: val_auc {m.get('val_auc'):.4f}, "
+                              f"{m.get('embedding_bytes')} bytes, train {m.get('train_time_s'):.1f} s",
+                              flush=True)
             # the achieved compression of each run, against the full run of its model
             for rec in records:
                 if rec["dataset"] != dataset:
