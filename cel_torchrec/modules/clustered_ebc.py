@@ -274,6 +274,12 @@ class ClusterAccess:
         """The features (KJT keys) that look up clustered table `table`."""
         return self._remapper.features_of(table)
 
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """`features` with every clustered feature's entity ids replaced by their cluster ids
+        (through the current assignment maps; other features unchanged): the KJT the cluster
+        table looks up, without the lookup itself (for timing or inspection)."""
+        return self._remapper(features)
+
     def clustering_config(self, table: str) -> ClusteringConfig:
         """How clustered table `table` is clustered."""
         return self._clustering[table]
