@@ -18,6 +18,9 @@ FORBIDDEN = {
     # the string options, read by the trainer's config without loading torch
     "cel_torchrec/choices.py": ["torch", "torchrec", "fbgemm_gpu", "numpy", "cel_torchrec.algorithm",
                                 "cel_torchrec.modules", "cel_torchrec.distributed", "trainer", "jobs"],
+    # the library's ClusteringConfig, reused by the trainer's config (so no torch either)
+    "cel_torchrec/config.py": ["torch", "torchrec", "fbgemm_gpu", "numpy", "cel_torchrec.algorithm",
+                               "cel_torchrec.modules", "cel_torchrec.distributed", "trainer", "jobs"],
     # the trainer knows no CEL math: it uses the library's public packages (modules,
     # distributed, phases, choices), never cel_torchrec.algorithm
     "trainer": ["jobs", "cel_torchrec.algorithm"],

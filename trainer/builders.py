@@ -141,13 +141,12 @@ def qr_collisions_for(n: int, budget_rows: float) -> int:
     return m
 
 
-def library_clustering(c, entity_bias_column: int | None) -> ClusteringConfig:
-    """The library's ClusteringConfig from a `cel.<table>` section: every field of the library's
-    class is declared, same name and meaning, in the trainer's (a test keeps them in step); the
-    trainer's `entity_bias` switch becomes the library's bias column."""
-    shared = {f.name for f in dataclasses.fields(ClusteringConfig)} - {"entity_bias_column"}
-    return ClusteringConfig(**{name: getattr(c, name) for name in shared},
-                            entity_bias_column=entity_bias_column)
+def library_clustering(c: ClusteringConfig, entity_bias_column: int | None) -> ClusteringConfig:
+    """The library's ClusteringConfig of a `cel.<table>` section (a subclass of it that adds the
+    trainer's `enabled` and `entity_bias`): the library's fields, with the bias column that the
+    trainer's `entity_bias` switch becomes."""
+    fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(ClusteringConfig)}
+    return ClusteringConfig(**{**fields, "entity_bias_column": entity_bias_column})
 
 
 def _entity_bias_column(cfg: TrainConfig, c) -> int | None:

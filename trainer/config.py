@@ -8,17 +8,18 @@ defaults, so a YAML file only states what differs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
-from cel_torchrec.choices import (BATCH_SCOPES, GRAD_AVERAGES, LITE_SCORINGS, REASSIGN_MODES,
-                                  SHARDING_TYPES, SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS, UNSEEN_POLICIES)
+from cel_torchrec.choices import BATCH_SCOPES, LITE_SCORINGS, REASSIGN_MODES, SHARDING_TYPES
+from cel_torchrec.config import ClusteringConfig as LibraryClusteringConfig
 
 
 class ConfigError(ValueError):
@@ -88,30 +89,20 @@ class EmbeddingConfig:
     min_cardinality: int = 1000
 
 
-@dataclass
-class ClusteringConfig:
-    """How one table (users or items) is clustered: budget, start, gradient averaging, splits."""
+@dataclass(frozen=True)
+class ClusteringConfig(LibraryClusteringConfig):
+    """How one table (`cel.users` / `cel.items`) is clustered: the library's
+    `cel_torchrec.config.ClusteringConfig`, whose fields (defaults, choices, meaning) are declared
+    there only and are keys here, plus the trainer's two switches below. The library's
+    `entity_bias_column` is no key (it stays None here): the builder derives it from
+    `entity_bias` (`trainer.builders.library_clustering`)."""
+
+    not_keys: ClassVar[tuple[str, ...]] = ("entity_bias_column",)
 
     enabled: bool = False
-    max_clusters: int = 50
-    init_clusters: int = 1
-    grad_average: str = _choice("batch", *GRAD_AVERAGES)
-    split_criterion: str = _choice("interactions", *SPLIT_CRITERIA)
-    split_method: str = _choice("sign", *SPLIT_METHODS)
-    splits_per_event: int = 1
-    # MF only: one unclustered scalar bias per entity (counted in embedding bytes)
+    # MF only: one unclustered scalar bias per entity (counted in embedding bytes), in the
+    # bias column d; entity_bias_decay pulls it toward zero
     entity_bias: bool = False
-    # where reassignment puts entities without training data: stay | largest (by interactions)
-    unseen_policy: str = _choice("stay", *UNSEEN_POLICIES)
-    # ... and so are entities with fewer training interactions than this (with largest|pooled)
-    cold_interactions: int = 1
-    # MF entity_bias only: per-step L2 pull of the per-entity biases toward zero
-    entity_bias_decay: float = 0.0
-    # most entities a split window records (None: max(4096, entities // 16), at most entities);
-    # the others stay
-    window_rows: int | None = None
-    # what GPCA decomposes per informed member: its summed gradient (reference) or the mean
-    split_gradient: str = _choice("sum", *SPLIT_GRADIENTS)
 
 
 @dataclass
@@ -293,11 +284,29 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) ->
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict (JSON/YAML-serialisable) of a config, for logging and checkpoints."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict (JSON/YAML-serialisable) of a config, for logging and checkpoints:
+    `dataclasses.asdict` over the config keys (a section's `not_keys` are left out)."""
+    return _plain(cfg)
 
 
 # ----------------------------------------------------------------------------- internals
+def _keys(section: Any) -> list[dataclasses.Field]:
+    """The fields of a section (dataclass or instance) that are config keys: all but the
+    names in its `not_keys` (fields it inherits from the library but derives, never reads)."""
+    hidden = getattr(section, "not_keys", ())
+    return [f for f in dataclasses.fields(section) if f.name not in hidden]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _keys(value)}
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -310,7 +319,7 @@ def _nest(cfg: Any, parts: list[str], value: Any, prefix: str) -> dict:
     if not dataclasses.is_dataclass(cfg):
         raise ConfigError(f"cannot set {prefix + head!r}: {where} is a "
                           f"{type(cfg).__name__}, not a section")
-    names = [f.name for f in dataclasses.fields(cfg)]
+    names = [f.name for f in _keys(cfg)]
     if head not in names:
         raise ConfigError(f"unknown key {prefix + head!r}; valid keys at {where}: "
                           f"{', '.join(names)}")
@@ -334,7 +343,7 @@ def _merge(base: Any, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(base)}
+    fields = {f.name: f for f in _keys(base)}
     hints = _hints(type(base))
     updates = {}
     for key, value in data.items():

@@ -9,7 +9,6 @@ the stock sharder for the cluster table.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -19,52 +18,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from cel_torchrec.choices import SPLIT_GRADIENTS, UNSEEN_POLICIES
+from cel_torchrec.config import ClusteringConfig
 from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, SplitWindow,
                                     apply_split, choose_clusters, cluster_grad_scale, gpca_split,
                                     remap_ids)
-
-
-@dataclass(frozen=True)
-class ClusteringConfig:
-    """How one table is clustered: budget (`max_clusters` rows), start (`init_clusters`),
-    gradient averaging (`batch` | `members` | `none`) and split policy.
-
-    `entity_bias_column`: if set, every entity also owns one unclustered scalar (a per-entity
-    bias, counted in `embedding_bytes`) added to that column of its looked-up embedding (for MF,
-    the bias column `d`). `unseen_policy`: where reassignment puts entities without training
-    data: `stay` (wherever splits left them) or `largest` (the cluster with the most training
-    interactions, a sensible default for cold entities) or `pooled` (the cluster with the lowest
-    loss on the pooled interactions of all cold entities); entities with fewer than
-    `cold_interactions` training interactions are handled like entities without data.
-    `entity_bias_decay`: an L2 pull of every per-entity bias toward zero at every step (a
-    per-entity ridge, which shrinks rarely seen entities toward their cluster's bias).
-
-    `splits_per_event`: clusters split per event (0: every active cluster with two or more
-    members, i.e. the cluster count doubles per event until `max_clusters`). `window_rows`: most
-    entities a split window records (None: `max(4096, num_entities // 16)`, at most
-    `num_entities`); members it does
-    not record stay with their parent. `split_gradient`: what GPCA decomposes per member, the
-    gradient `sum` over its interactions (the reference) or its `mean` (every informed member
-    weighs the same)."""
-
-    max_clusters: int
-    init_clusters: int = 1
-    grad_average: str = "batch"
-    split_criterion: str = "interactions"
-    split_method: str = "sign"
-    splits_per_event: int = 1
-    entity_bias_column: int | None = None
-    unseen_policy: str = "stay"
-    cold_interactions: int = 1
-    entity_bias_decay: float = 0.0
-    window_rows: int | None = None
-    split_gradient: str = "sum"
-
-    def window_rows_for(self, num_entities: int) -> int:
-        if self.window_rows is not None:
-            return max(1, int(self.window_rows))
-        # a window holds at most one row per entity: never more rows than the table has
-        return max(1, min(num_entities, max(4096, num_entities // 16)))
 
 
 class ClusterStates(nn.Module):
@@ -316,6 +273,12 @@ class ClusterAccess:
     def table_features(self, table: str) -> list[str]:
         """The features (KJT keys) that look up clustered table `table`."""
         return self._remapper.features_of(table)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """`features` with every clustered feature's entity ids replaced by their cluster ids
+        (through the current assignment maps; other features unchanged): the KJT the cluster
+        table looks up, without the lookup itself (for timing or inspection)."""
+        return self._remapper(features)
 
     def clustering_config(self, table: str) -> ClusteringConfig:
         """How clustered table `table` is clustered."""

@@ -1,4 +1,4 @@
-"""Small raw inputs written into tmp dirs (no dependency on /work/shared)."""
+"""Small raw inputs written into tmp dirs (no dependency on the datasets in ../shared)."""
 from __future__ import annotations
 
 import pathlib

@@ -138,6 +138,9 @@ def _worker(rank, world, sharding_type, ckpt_dir):
                 assert torch.equal(a, oracle.cluster_states[table].assignment), (where, table)
                 assert replicated[table], (where, table)
                 assert sharded.cluster_states[table].num_active == oracle.cluster_states[table].num_active
+            users, items, _ = _batch(0)
+            got, want = sharded.remap(_kjt(users, items)), oracle.remap(_kjt(users, items))
+            assert torch.equal(got.values(), want.values()), where
 
     def check_tables(where, behaviour="tables_match"):
         full = {t: sharded.gather_table(t) for t in ("user", "item")}   # collectives first

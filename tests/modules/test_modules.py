@@ -39,6 +39,14 @@ def test_output_equals_manual_gather():
     assert m.table_weight("item").shape == (5, D)   # capacity rows, not 9 entity rows
 
 
+def test_remap_gives_the_cluster_ids_the_table_looks_up():
+    m = make_cebc()
+    users, items = [0, 3, 6, 1], [8, 5, 0, 2]
+    remapped = m.remap(kjt(users, items)).to_dict()
+    assert remapped["item_id"].values().tolist() == [1, 2, 0, 1]      # assignment[items]
+    assert remapped["user_id"].values().tolist() == users             # unclustered: unchanged
+
+
 @pytest.mark.parametrize("mode", ["batch", "members", "none"])
 def test_cluster_gradient_averaging(mode):
     m = make_cebc(mode)

@@ -208,17 +208,55 @@ def test_the_config_offers_exactly_the_library_choices():
     assert load_config(None, ["dist.sharding=table_column_wise"]).dist.sharding == "table_column_wise"
 
 
-def test_every_library_clustering_option_is_a_config_key():
-    """The trainer's `cel.<table>` section declares each field of the library's
-    ClusteringConfig (the builder copies them by name), so a library option cannot go missing."""
+def test_the_cel_sections_are_the_library_clustering_config():
+    """One home for each clustering option: the trainer's `cel.<table>` section subclasses the
+    library's ClusteringConfig and only adds `enabled` / `entity_bias`, so every library field
+    (default, choices) is declared once, there, and a library option cannot go missing."""
     from cel_torchrec.modules import ClusteringConfig as Library
     from trainer.config import ClusteringConfig
     from trainer.builders import library_clustering
-    ours = {f.name for f in dataclasses.fields(ClusteringConfig)}
-    assert {f.name for f in dataclasses.fields(Library)} - {"entity_bias_column"} <= ours
+    assert issubclass(ClusteringConfig, Library)
+    library = {f.name: f for f in dataclasses.fields(Library)}
+    ours = {f.name: f for f in dataclasses.fields(ClusteringConfig)}
+    assert all(ours[name] is f for name, f in library.items())      # inherited, not redeclared
+    assert set(ours) - set(library) == {"enabled", "entity_bias"}
+    # the library keeps max_clusters required; the sections' defaults come from CelConfig
+    with pytest.raises(TypeError, match="max_clusters"):
+        Library()
+    defaults = TrainConfig().cel
+    assert (defaults.items.enabled, defaults.items.max_clusters) == (True, 50)
+    assert (defaults.users.enabled, defaults.users.max_clusters) == (False, 50)
     section = load_config(None, ["cel.items.split_gradient=mean", "cel.items.window_rows=77",
                                  "cel.items.grad_average=members"]).cel.items
     lib = library_clustering(section, 5)
+    assert type(lib) is Library
     assert (lib.split_gradient, lib.window_rows, lib.grad_average, lib.entity_bias_column) == \
         ("mean", 77, "members", 5)
     assert lib.max_clusters == section.max_clusters
+    assert {f.name: getattr(lib, f.name) for f in dataclasses.fields(Library)} == \
+        {name: getattr(section, name) for name in library} | {"entity_bias_column": 5}
+
+
+def test_the_derived_entity_bias_column_is_no_config_key():
+    """`entity_bias_column` is the library's; the trainer derives it from `entity_bias`, so as
+    before it is an unknown key, not listed, and left out of the config dict."""
+    with pytest.raises(ConfigError, match="unknown key 'cel.items.entity_bias_column'") as err:
+        load_config(None, ["cel.items.entity_bias_column=3"])
+    assert "entity_bias_column" not in str(err.value).split("valid keys")[1]
+    with pytest.raises(ConfigError, match="unknown key 'cel.users.entity_bias_column'"):
+        TrainConfig.from_dict({"cel": {"users": {"entity_bias_column": 3}}})
+    d = config_to_dict(TrainConfig())
+    assert "entity_bias_column" not in d["cel"]["items"] and d["cel"]["items"]["entity_bias"] is False
+    assert set(d["cel"]["items"]) == {
+        "enabled", "max_clusters", "init_clusters", "grad_average", "split_criterion",
+        "split_method", "splits_per_event", "entity_bias", "unseen_policy", "cold_interactions",
+        "entity_bias_decay", "window_rows", "split_gradient"}
+
+
+def test_the_typed_config_loads_without_torch():
+    """The Ray driver reads the typed config: it (and the library's ClusteringConfig it reuses)
+    imports no torch."""
+    import subprocess
+    import sys
+    code = "import sys, trainer.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,61 @@
+"""The library's configuration: `ClusteringConfig`, how one table is clustered. Pure Python (no
+torch import), so the trainer's typed config reuses it, field by field, without loading the
+stack; `cel_torchrec.modules` re-exports it. Fields with a fixed set of values carry those
+values (the tuples of `cel_torchrec.choices`) as `choices` metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cel_torchrec.choices import (GRAD_AVERAGES, SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS,
+                                  UNSEEN_POLICIES)
+
+
+def _choice(default: Any, choices: tuple) -> Any:
+    """A field whose value is one of `choices` (its `choices` metadata)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """How one table is clustered: budget (`max_clusters` rows), start (`init_clusters`),
+    gradient averaging (`batch` | `members` | `none`) and split policy (`split_criterion`: what
+    ranks the clusters that split; `split_method`: members divide by the `sign` of their
+    projection on the gradients' principal direction, or at its `median`).
+
+    `entity_bias_column`: if set, every entity also owns one unclustered scalar (a per-entity
+    bias, counted in `embedding_bytes`) added to that column of its looked-up embedding (for MF,
+    the bias column `d`). `unseen_policy`: where reassignment puts entities without training
+    data: `stay` (wherever splits left them) or `largest` (the cluster with the most training
+    interactions, a sensible default for cold entities) or `pooled` (the cluster with the lowest
+    loss on the pooled interactions of all cold entities); entities with fewer than
+    `cold_interactions` training interactions are handled like entities without data.
+    `entity_bias_decay`: an L2 pull of every per-entity bias toward zero at every step (a
+    per-entity ridge, which shrinks rarely seen entities toward their cluster's bias).
+
+    `splits_per_event`: clusters split per event (0: every active cluster with two or more
+    members, i.e. the cluster count doubles per event until `max_clusters`). `window_rows`: most
+    entities a split window records (None: `max(4096, num_entities // 16)`, at most
+    `num_entities`); members it does
+    not record stay with their parent. `split_gradient`: what GPCA decomposes per member, the
+    gradient `sum` over its interactions (the reference) or its `mean` (every informed member
+    weighs the same)."""
+
+    max_clusters: int
+    init_clusters: int = 1
+    grad_average: str = _choice("batch", GRAD_AVERAGES)
+    split_criterion: str = _choice("interactions", SPLIT_CRITERIA)
+    split_method: str = _choice("sign", SPLIT_METHODS)
+    splits_per_event: int = 1
+    entity_bias_column: int | None = None
+    unseen_policy: str = _choice("stay", UNSEEN_POLICIES)
+    cold_interactions: int = 1
+    entity_bias_decay: float = 0.0
+    window_rows: int | None = None
+    split_gradient: str = _choice("sum", SPLIT_GRADIENTS)
+
+    def window_rows_for(self, num_entities: int) -> int:
+        if self.window_rows is not None:
+            return max(1, int(self.window_rows))
+        # a window holds at most one row per entity: never more rows than the table has
+        return max(1, min(num_entities, max(4096, num_entities // 16)))
