@@ -433,7 +433,7 @@ def _first_order_forms(emb, model, kjt, dense, label, features_of: dict, rows: d
 @torch.no_grad()
 def lite_proposals(emb, model, recent: Iterable, tables: list[str], loss: str, env=None,
                    k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20,
-                   scoring: str = "exact") -> dict:
+                   scoring: str = "linearised") -> dict:
     """CEL-Lite proposals for every table in `tables` from one pass over `recent` (the
     interactions since the last reassignment): only the entities seen there, each over `k + 1`
     candidates, its cluster and the `k` clusters nearest to its desired embedding after one
@@ -607,7 +607,7 @@ def lite_proposals(emb, model, recent: Iterable, tables: list[str], loss: str, e
 
 def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
                   k: int = 8, max_rows: int = 1 << 18, cache_bytes: int = 128 << 20,
-                  scoring: str = "exact"):
+                  scoring: str = "linearised"):
     """`lite_proposals` of one table: `(seen, best, gain, counts, mean_loss)`."""
     return lite_proposals(emb, model, recent, [table], loss, env, k=k, max_rows=max_rows,
                           cache_bytes=cache_bytes, scoring=scoring)[table]
@@ -657,7 +657,7 @@ def run_reassignments(emb, model, batches, tables: list[str], *, loss: str,
                       generator: torch.Generator, env=None, keep_prob: float = 0.31,
                       optimizer: torch.optim.Optimizer | None = None, mode: str = "exact",
                       recent: Iterable | None = None, lite_k: int = 8,
-                      lite_scoring: str = "exact", memory_bytes: int = 256 << 20,
+                      lite_scoring: str = "linearised", memory_bytes: int = 256 << 20,
                       lite_cache_bytes: int = 128 << 20,
                       min_gain: float = 0.0) -> list[tuple[ReassignPlan, PhaseReport]]:
     """Reassignment of the entities of each table in `tables`, `exact` (every entity with data,

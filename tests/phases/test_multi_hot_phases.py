@@ -104,7 +104,7 @@ def test_lite_scores_its_candidates_exactly(pooling, weighted, model_cls):
     """With as many candidates as clusters, CEL-Lite's choice is the brute-force best."""
     m, model, data = build(pooling, weighted), model_cls(), batches(weighted)
     want = brute_force(m, model, data)
-    seen, best, gain, counts, _ = lite_proposal(m, model, data, "tag", "mse", k=CAP)
+    seen, best, gain, counts, _ = lite_proposal(m, model, data, "tag", "mse", k=CAP, scoring="exact")
     current = m.cluster_states["tag"].assignment[seen].long()
     w = want[seen]
     assert torch.equal(best, w.argmin(1))
