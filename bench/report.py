@@ -25,9 +25,15 @@ COLUMNS = {
               "val_rmse", "val_rmse_cold", "purity_items", "ari_items"],
     "quality_ml100k_fused": ["model", "method", "fused_tables", "best_val_rmse", "val_rmse",
                              "best_val_rmse_cold", "best_epoch", "train_time_s"],
-    "quality_ml100k_lite": ["model", "reassign_mode", "item_clusters", "best_val_rmse", "val_rmse",
+    "quality_ml100k_lite": ["model", "reassign_mode", "lite_scoring", "item_clusters", "best_val_rmse", "val_rmse",
                             "best_val_rmse_cold", "best_epoch", "reassign_time_s", "train_time_s"],
     "ray": ["method", "workers", "samples_per_s", "seconds", "vs_local", "first_epoch_s", "wall_s"],
+    "ctr": ["dataset", "model", "method", "lite_scoring", "compression", "embedding_bytes", "val_auc",
+            "auc_minus_full", "val_logloss", "val_ne", "val_auc_cold", "train_time_s",
+            "reassign_time_s"],
+    "sharded_ctr": ["method", "sparse_features", "world_size", "batch_size", "step_time_s",
+                    "samples_per_s", "vs_full", "vs_full_steps_p25", "vs_full_steps_p75",
+                    "embedding_bytes", "compression", "clusters"],
 }
 COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes, run on their own
 SKIP = {"note", "args"}
