@@ -186,15 +186,19 @@ class ShardedClusteredEmbeddingBagCollection(
                                                        self._pg)
         ctx.cel_global_counts = global_counts
         self._last_cluster_ids = {}
-        local = table_grad_scales(slices, self._remapper.states, self._clustering)
-        for f, scale in zip(slices, local):
+        # local factors only where the global batch's counts do not replace them (each costs a
+        # dedup of the feature's ids)
+        is_global = [global_counts is not None and f.key in global_counts.keys for f in slices]
+        local = iter(table_grad_scales([f for f, g in zip(slices, is_global) if not g],
+                                       self._remapper.states, self._clustering))
+        for f, by_global in zip(slices, is_global):
             pending = self._pending_interactions[f.table]
             pending.index_add_(0, f.entity_ids.long(),
                                torch.ones_like(f.entity_ids, dtype=torch.int32))
             self._last_cluster_ids.setdefault(f.table, []).append((f.cluster_ids, f.sample))
-            if global_counts is not None and f.key in global_counts.keys:
-                # counted in backward, from the all-gather run after the input dist
-                scale = functools.partial(global_counts.grad_scale, f.key, f.cluster_ids)
+            # global: counted in backward, from the all-gather run after the input dist
+            scale = (functools.partial(global_counts.grad_scale, f.key, f.cluster_ids)
+                     if by_global else next(local))
             plans.append((f, scale))
         return plans
 
