@@ -1,13 +1,27 @@
-"""Every string option of the CEL library, defined once: the library validates against these
-tuples and the trainer's typed config offers exactly them. Pure Python (no torch import), so a
-config can be checked without loading the stack."""
+"""Every string option of the CEL library, defined once, as a `Literal` type: the library's and
+the trainer's config fields are annotated with these types (the trainer's loader checks values
+against them), and the library validates its arguments against the tuple of each type's values
+(`GRAD_AVERAGES` = the values of `GradAverage`, ...). Pure Python (no torch import), so a config
+can be checked without loading the stack."""
+from typing import Literal, get_args
 
-GRAD_AVERAGES = ("batch", "members", "none")          # per-cluster gradient averaging
-SPLIT_CRITERIA = ("interactions", "grad_norm", "members", "loss", "mean_loss")
-SPLIT_METHODS = ("sign", "median")
-SPLIT_GRADIENTS = ("sum", "mean")                     # what GPCA decomposes per member
-UNSEEN_POLICIES = ("stay", "largest", "pooled")       # entities without (enough) data
-REASSIGN_MODES = ("exact", "lite")                    # the config adds "auto"
-LITE_SCORINGS = ("exact", "linearised")               # how CEL-Lite scores its candidates
-SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_column_wise", "data_parallel")
-BATCH_SCOPES = ("global", "local")                    # where `batch` averaging counts members
+GradAverage = Literal["batch", "members", "none"]          # per-cluster gradient averaging
+SplitCriterion = Literal["interactions", "grad_norm", "members", "loss", "mean_loss"]
+SplitMethod = Literal["sign", "median"]
+SplitGradient = Literal["sum", "mean"]                     # what GPCA decomposes per member
+UnseenPolicy = Literal["stay", "largest", "pooled"]        # entities without (enough) data
+ReassignMode = Literal["exact", "lite"]                    # the trainer's config adds "auto"
+LiteScoring = Literal["exact", "linearised"]               # how CEL-Lite scores its candidates
+ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_column_wise",
+                       "data_parallel"]
+BatchScope = Literal["global", "local"]                    # where `batch` averaging counts members
+
+GRAD_AVERAGES: tuple[str, ...] = get_args(GradAverage)
+SPLIT_CRITERIA: tuple[str, ...] = get_args(SplitCriterion)
+SPLIT_METHODS: tuple[str, ...] = get_args(SplitMethod)
+SPLIT_GRADIENTS: tuple[str, ...] = get_args(SplitGradient)
+UNSEEN_POLICIES: tuple[str, ...] = get_args(UnseenPolicy)
+REASSIGN_MODES: tuple[str, ...] = get_args(ReassignMode)
+LITE_SCORINGS: tuple[str, ...] = get_args(LiteScoring)
+SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
+BATCH_SCOPES: tuple[str, ...] = get_args(BatchScope)

@@ -1,19 +1,26 @@
 """The library's configuration: `ClusteringConfig`, how one table is clustered. Pure Python (no
 torch import), so the trainer's typed config reuses it, field by field, without loading the
-stack; `cel_torchrec.modules` re-exports it. Fields with a fixed set of values carry those
-values (the tuples of `cel_torchrec.choices`) as `choices` metadata."""
+stack; `cel_torchrec.modules` re-exports it. Fields with a fixed set of values are annotated
+with the `Literal` types of `cel_torchrec.choices`, and a value outside them is refused when the
+config is built."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import typing
+from dataclasses import dataclass, fields
 
-from cel_torchrec.choices import (GRAD_AVERAGES, SPLIT_CRITERIA, SPLIT_GRADIENTS, SPLIT_METHODS,
-                                  UNSEEN_POLICIES)
+from cel_torchrec.choices import (GradAverage, SplitCriterion, SplitGradient, SplitMethod,
+                                  UnseenPolicy)
 
 
-def _choice(default: Any, choices: tuple) -> Any:
-    """A field whose value is one of `choices` (its `choices` metadata)."""
-    return field(default=default, metadata={"choices": choices})
+def check_choices(cfg: object) -> None:
+    """Raise `ValueError` naming the field if a `Literal`-typed field of dataclass `cfg` holds a
+    value outside its type."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and getattr(cfg, f.name) not in typing.get_args(tp):
+            raise ValueError(f"{type(cfg).__name__}.{f.name}: {getattr(cfg, f.name)!r} is not one "
+                             f"of {', '.join(repr(c) for c in typing.get_args(tp))}")
 
 
 @dataclass(frozen=True)
@@ -43,16 +50,19 @@ class ClusteringConfig:
 
     max_clusters: int
     init_clusters: int = 1
-    grad_average: str = _choice("batch", GRAD_AVERAGES)
-    split_criterion: str = _choice("interactions", SPLIT_CRITERIA)
-    split_method: str = _choice("sign", SPLIT_METHODS)
+    grad_average: GradAverage = "batch"
+    split_criterion: SplitCriterion = "interactions"
+    split_method: SplitMethod = "sign"
     splits_per_event: int = 1
     entity_bias_column: int | None = None
-    unseen_policy: str = _choice("stay", UNSEEN_POLICIES)
+    unseen_policy: UnseenPolicy = "stay"
     cold_interactions: int = 1
     entity_bias_decay: float = 0.0
     window_rows: int | None = None
-    split_gradient: str = _choice("sum", SPLIT_GRADIENTS)
+    split_gradient: SplitGradient = "sum"
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     def window_rows_for(self, num_entities: int) -> int:
         if self.window_rows is not None:

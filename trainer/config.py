@@ -3,8 +3,9 @@ overrides (`train.lr=0.01 cel.items.max_clusters=50 model.hidden=[128,64]`).
 
 Values are parsed with `yaml.safe_load` and checked against the dataclass field types; an unknown
 key or a wrong type raises `ConfigError` (a `ValueError`) naming the dotted key. Fields with a
-fixed set of values carry `choices` metadata and are checked too. Partial sections merge into the
-defaults, so a YAML file only states what differs.
+fixed set of values are `Literal` types (the library's from `cel_torchrec.choices`) and are
+checked too. Partial sections merge into the defaults, so a YAML file only states what
+differs.
 """
 from __future__ import annotations
 
@@ -14,20 +15,16 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from cel_torchrec.choices import BATCH_SCOPES, LITE_SCORINGS, REASSIGN_MODES, SHARDING_TYPES
+from cel_torchrec.choices import BatchScope, LiteScoring, ReassignMode, ShardingType
 from cel_torchrec.config import ClusteringConfig as LibraryClusteringConfig
 
 
 class ConfigError(ValueError):
     """An invalid config: unknown key, wrong type or value outside its choices."""
-
-
-def _choice(default: Any, *choices: Any) -> Any:
-    return field(default=default, metadata={"choices": choices})
 
 
 # ----------------------------------------------------------------------------- schema
@@ -40,7 +37,7 @@ class SyntheticConfig:
     interactions: int = 100_000
     clusters: int = 8
     seed: int = 0
-    label: str = _choice("rating", "rating", "click")
+    label: Literal["rating", "click"] = "rating"
 
 
 @dataclass
@@ -48,13 +45,13 @@ class DataConfig:
     """Where the data comes from and how it is batched. Entities with fewer than
     `cold_threshold` training interactions count as cold in the sliced metrics."""
 
-    kind: str = _choice("synthetic", "synthetic", "path")
+    kind: Literal["synthetic", "path"] = "synthetic"
     path: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cache_dir: str = "data/cache"
     batch_size: int = 1024
     eval_batch_size: int = 8192
-    reader: str = _choice("local", "local", "ray")
+    reader: Literal["local", "ray"] = "local"
     cold_threshold: int = 5
 
 
@@ -63,7 +60,7 @@ class ModelConfig:
     """The interaction model on top of the embeddings. `embedding_dim` is the latent width d;
     the embedding tables may be wider (see `trainer.models.embedding_dim_for`)."""
 
-    name: str = _choice("mf", "mf", "neumf", "two_tower", "dlrm", "deepfm")
+    name: Literal["mf", "neumf", "two_tower", "dlrm", "deepfm"] = "mf"
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     # dlrm: the dense arch's hidden widths (its last layer is embedding_dim)
@@ -77,7 +74,7 @@ class EmbeddingConfig:
     """Which entity embedding collection: CEL or a baseline. Per-feature budgets of the
     baselines are keyed `users` / `items`."""
 
-    method: str = _choice("cel", "cel", "full", "hash", "qr")
+    method: Literal["cel", "full", "hash", "qr"] = "cel"
     hash_buckets: dict[str, int] = field(default_factory=dict)
     qr_collisions: dict[str, int] = field(default_factory=dict)
     # > 0: every table with at least `min_cardinality` rows is compressed by `method` to about
@@ -119,12 +116,12 @@ class CelConfig:
     split_interval: int = 10
     split_until: int = 800
     reassign_at: list[int] | None = None
-    reassign_rule: str = _choice("reference", "reference", "every", "none")
+    reassign_rule: Literal["reference", "every", "none"] = "reference"
     reassign_period: int = 40
     # > 0 (with interval_unit=step): reassign this many times per epoch, whatever the dataset
     # size (reassign_period becomes steps_per_epoch / this, rule `every`); None: reassign_period
     reassign_per_epoch: float | None = None
-    interval_unit: str = _choice("step", "step", "epoch")
+    interval_unit: Literal["step", "epoch"] = "step"
     reassign_keep_prob: float = 0.31
     # an entity moves only if its loss falls by more than this many times the mean training
     # loss per interaction (0: any improvement, the reference's argmin)
@@ -139,7 +136,7 @@ class CelConfig:
     # nearest its one-step desired embedding, scored on those recent interactions, at most
     # `lite_buffer_samples` of them), or auto: exact while entities x max_clusters <= 2^25
     # (one pass, <= 256 MiB of float64 losses), else lite
-    reassign_mode: str = _choice("auto", "auto", *REASSIGN_MODES)
+    reassign_mode: Literal["auto", ReassignMode] = "auto"
     lite_k: int = 8
     # how Lite scores a candidate on a recent interaction: exact (the model's own loss with the
     # row moved: one forward of batch x (lite_k + 1) rows per batch and feature for models
@@ -148,7 +145,7 @@ class CelConfig:
     # Default linearised: on synth-ctr (1e6 rows) and binary ML-100K, DLRM and DeepFM, the AUCs
     # of the two agree within 0.0023 either way and Lite runs 20-35x faster
     # (bench/results/ctr.json)
-    lite_scoring: str = _choice("linearised", *LITE_SCORINGS)
+    lite_scoring: LiteScoring = "linearised"
     lite_buffer_samples: int = 1 << 21
     freeze_after: int | None = None
     # synthetic data only: start every clustered table from the planted clusters (num_active =
@@ -165,12 +162,12 @@ class OptimConfig:
     epochs: int = 10
     max_steps: int | None = None
     lr: float = 0.01
-    optimizer: str = _choice("adam", "adam", "adagrad", "sgd")
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     weight_decay: float = 0.0
     l2: float = 0.0
     seed: int = 0
     eval_every_steps: int | None = None
-    loss: str = _choice("mse", "mse", "bce")
+    loss: Literal["mse", "bce"] = "mse"
     # intra-op threads per process (0: torch's default). One by default: the ops are small, and
     # on a shared 2-core machine OpenMP's spinning threads made steps ~10x slower.
     num_threads: int = 1
@@ -178,7 +175,7 @@ class OptimConfig:
     # process: a step touches only the batch's rows) instead of a torch optimizer over every
     # row: auto (whenever possible), on (or fail saying why not), off (one process only).
     # YAML reads on/off as true/false; both spellings work. See trainer.tables.
-    fused_tables: str | bool = _choice("auto", "auto", "on", "off", True, False)
+    fused_tables: Literal["auto", "on", "off", True, False] = "auto"
 
 
 @dataclass
@@ -197,9 +194,9 @@ class DistConfig:
     `grad_average: batch` tables where the distinct members are counted: in the `global` batch
     (exact, one all-gather per step) or in each rank's `local` batch (no communication)."""
 
-    backend: str = _choice("auto", "auto", "gloo", "nccl")
-    sharding: str = _choice("table_wise", *SHARDING_TYPES)
-    batch_scope: str = _choice("global", *BATCH_SCOPES)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sharding: ShardingType = "table_wise"
+    batch_scope: BatchScope = "global"
 
 
 @dataclass
@@ -233,7 +230,7 @@ class TrackingConfig:
 
     loggers: list[str] = field(default_factory=lambda: ["stdout", "jsonl", "wandb"])
     wandb_project: str = "cel-torchrec"
-    wandb_mode: str | None = _choice(None, None, "online", "offline", "disabled")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
     log_every_steps: int = 50
 
 
@@ -360,10 +357,6 @@ def _merge(base: Any, data: Any, prefix: str) -> Any:
                                   dotted + ".")
         else:
             updates[key] = _coerce(value, tp, dotted)
-            choices = fields[key].metadata.get("choices")
-            if choices and updates[key] not in choices:
-                raise ConfigError(f"{dotted}: {updates[key]!r} is not one of "
-                                  f"{', '.join(repr(c) for c in choices)}")
     return dataclasses.replace(base, **updates)
 
 
@@ -386,7 +379,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:               # `X | None`: X's own message (e.g. its choices)
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        # equal and of the same type: True does not stand for 1, nor 1 for True
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in args)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got "

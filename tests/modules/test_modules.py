@@ -149,6 +149,15 @@ def test_a_table_shared_by_two_features_counts_both_in_the_loss_statistics():
     assert m.begin_split_window("item").tolist() == [1]
 
 
+@pytest.mark.parametrize("field,value", [("grad_average", "mean"), ("split_criterion", "size"),
+                                         ("split_method", "kmeans"), ("unseen_policy", "nearest"),
+                                         ("split_gradient", "max")])
+def test_a_clustering_choice_outside_its_literal_type_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ClusteringConfig\.{field}: '{value}' is not one of"):
+        ClusteringConfig(max_clusters=4, **{field: value})
+    ClusteringConfig(max_clusters=4)               # the defaults are inside their types
+
+
 def test_embedding_bytes():
     m = make_cebc()
     assert m.embedding_bytes() == (7 * D + 5 * D) * 4 + 9 * 4
