@@ -33,7 +33,10 @@ recomputes the planted logit of written rows (tests use it).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -243,3 +246,15 @@ def generate_synthetic_ctr(out: str | os.PathLike, *, overwrite: bool = False,
                    "bias": model.bias, "pilot_ctr": model.pilot_ctr})
         (tmp / "meta.json").write_text(meta.to_json())
     return meta
+
+
+def ensure_synthetic_ctr(cache_root: str | os.PathLike, **overrides: Any) -> str:
+    """The synthetic CTR dataset for `overrides` (defaults filled in), built once under
+    cache_root/synth-ctr-<hash>/ (written to a temporary directory and renamed when complete)
+    and reused by later calls: the trainer's `data.kind: synthetic_ctr`."""
+    p = ctr_params(**overrides)
+    digest = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
+    path = pathlib.Path(cache_root) / f"synth-ctr-{digest}"
+    if not (path / "meta.json").exists():
+        generate_synthetic_ctr(path, overwrite=path.exists(), **p)
+    return str(path)

@@ -29,17 +29,19 @@ def resolve_dataset(cfg: TrainConfig, env: DistEnv) -> pathlib.Path:
             raise FileNotFoundError(f"{path}: not a prepared dataset (no meta.json); run "
                                     f"`python -m data_pipeline prepare ...` first")
         return path
-    if cfg.data.kind != "synthetic":
-        raise ValueError(f"data.kind must be synthetic|path, got {cfg.data.kind!r}")
-    from data_pipeline.synthetic import ensure_synthetic
-    s = cfg.data.synthetic
-    params = dict(users=s.users, items=s.items, interactions=s.interactions, clusters=s.clusters,
-                  seed=s.seed, label=s.label)
+    if cfg.data.kind == "synthetic":
+        from data_pipeline.synthetic import ensure_synthetic as ensure
+        params = dataclasses.asdict(cfg.data.synthetic)
+    elif cfg.data.kind == "synthetic_ctr":
+        from data_pipeline.synthetic_ctr import ensure_synthetic_ctr as ensure
+        params = dataclasses.asdict(cfg.data.synthetic_ctr)
+    else:
+        raise ValueError(f"data.kind must be synthetic|synthetic_ctr|path, got {cfg.data.kind!r}")
     if env.is_main:
-        path = ensure_synthetic(cfg.data.cache_dir, **params)
+        path = ensure(cfg.data.cache_dir, **params)
     barrier(env)
     if not env.is_main:
-        path = ensure_synthetic(cfg.data.cache_dir, **params)   # cached: just resolves the path
+        path = ensure(cfg.data.cache_dir, **params)   # cached: just resolves the path
     return pathlib.Path(path)
 
 

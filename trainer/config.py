@@ -41,13 +41,30 @@ class SyntheticConfig:
 
 
 @dataclass
+class SyntheticCtrConfig:
+    """Parameters of the Criteo-like synthetic click dataset of `data.kind: synthetic_ctr`
+    (`data_pipeline.synthetic_ctr`, built on first use, cached): `rows` rows, `dense` dense and
+    `categorical` categorical features whose vocabularies spread from `vocab_min` to
+    `vocab_max` values, and a click model planted over `clusters` clusters per feature."""
+
+    rows: int = 200_000
+    vocab_max: int = 20_000
+    vocab_min: int = 10
+    categorical: int = 26
+    dense: int = 13
+    clusters: int = 16
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is batched. Entities with fewer than
     `cold_threshold` training interactions count as cold in the sliced metrics."""
 
-    kind: Literal["synthetic", "path"] = "synthetic"
+    kind: Literal["synthetic", "synthetic_ctr", "path"] = "synthetic"
     path: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic_ctr: SyntheticCtrConfig = field(default_factory=SyntheticCtrConfig)
     cache_dir: str = "data/cache"
     batch_size: int = 1024
     eval_batch_size: int = 8192

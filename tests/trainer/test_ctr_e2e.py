@@ -62,3 +62,36 @@ def test_linearised_lite_reassigns_every_large_table_in_one_shared_pass(tmp_path
         assert len({e["table"] for e in reassigns if e["step"] == step}) == len(clustered)
     assert sum(e["moved"] for e in reassigns) > 0
     assert cel["val_auc"] > 0.55
+
+
+def test_the_embedded_ctr_default_builds_its_data_once_and_trains_dlrm_over_every_feature(tmp_path):
+    """configs/ctr_small.yaml (`data.kind: synthetic_ctr`), shrunk: the Criteo-like dataset is
+    generated on first use under data.cache_dir, reused by the next run, and DLRM trains with
+    CEL on every large table."""
+    def run(name):
+        return run_worker(load_config(str(ROOT / "configs/ctr_small.yaml"), [
+            f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic_ctr.rows=6000",
+            "data.synthetic_ctr.vocab_max=600", "data.synthetic_ctr.categorical=5",
+            "data.synthetic_ctr.dense=3", "data.batch_size=512", "embedding.min_cardinality=50",
+            "embedding.compression=4", "tracking.loggers=[jsonl]", f"run.dir={tmp_path}",
+            f"run.name={name}"]))
+    first = run("a")
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("synth-ctr-")
+    meta = json.loads((built[0] / "meta.json").read_text())
+    assert len(meta["sparse_features"]) == 3 and len(meta["dense_features"]) == 3
+    assert meta["extra"]["synthetic_ctr"]["rows"] == 6000
+    second = run("b")
+    assert list((tmp_path / "cache").iterdir()) == built            # reused, not rebuilt
+    assert first["val_auc"] == second["val_auc"] > 0.5
+    assert first["model"] == "dlrm" and first["method"] == "cel"
+    assert sum(k.startswith("num_clusters_sparse_") for k in first) >= 1
+
+
+def test_a_bad_synthetic_ctr_parameter_fails_with_its_name(tmp_path):
+    from data_pipeline.errors import DataError
+    cfg = load_config(str(ROOT / "configs/ctr_small.yaml"), [
+        f"data.cache_dir={tmp_path}", "data.synthetic_ctr.categorical=1",
+        "tracking.loggers=[jsonl]", f"run.dir={tmp_path}"])
+    with pytest.raises(DataError, match="categorical must be >= 2"):
+        run_worker(cfg)
