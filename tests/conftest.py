@@ -20,3 +20,16 @@ def user_item_kjt(users, items):
     return KeyedJaggedTensor.from_lengths_sync(
         keys=["user_id", "item_id"], values=torch.cat([users, items]),
         lengths=torch.ones(users.numel() + items.numel(), dtype=torch.long))
+
+
+def scatter_clusters(emb, table: str, clusters: int, entities: int | None = None) -> None:
+    """Put `table`'s entities of CEL collection `emb` into `clusters` random clusters, none
+    empty (entity c starts cluster c), and give every parameter of `emb` random values."""
+    st = emb.cluster_states[table]
+    n = st.num_entities if entities is None else entities
+    st.assignment[:n].copy_(torch.randint(0, clusters, (n,), dtype=torch.int32))
+    st.assignment[:clusters] = torch.arange(clusters, dtype=torch.int32)
+    st.num_active = clusters
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.normal_()

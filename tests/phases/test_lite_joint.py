@@ -13,6 +13,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
 from cel_torchrec.phases import (lite_proposal, lite_proposals, per_sample_loss,
                                  run_reassignment, run_reassignments)
+from tests.conftest import scatter_clusters
 from tests.trainer.test_phases import ENV, NoLinearForm, _batches
 from trainer.config import ModelConfig
 from trainer.models import build_model, embedding_dim_for
@@ -30,14 +31,7 @@ def setup(model_name: str, seed: int = 0):
     emb = ClusteredEmbeddingBagCollection(tables, {"user": ClusteringConfig(max_clusters=6),
                                                    "item": ClusteringConfig(max_clusters=6)})
     for table, m in (("user", 5), ("item", 4)):
-        st = emb.cluster_states[table]
-        n = st.num_entities
-        st.assignment.copy_(torch.randint(0, m, (n,), dtype=torch.int32))
-        st.assignment[:m] = torch.arange(m, dtype=torch.int32)
-        st.num_active = m
-    with torch.no_grad():
-        for p in emb.parameters():
-            p.normal_()
+        scatter_clusters(emb, table, m)
     model = build_model(mcfg, seed=seed)
     n = 80
     data = (torch.randint(0, USERS, (n,)), torch.randint(0, ITEMS, (n,)),

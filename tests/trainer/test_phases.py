@@ -11,6 +11,7 @@ from trainer.config import ModelConfig
 from trainer.dist import DistEnv
 from trainer.models import build_model, embedding_dim_for
 from cel_torchrec.phases import reassign_losses, run_reassignment
+from tests.conftest import scatter_clusters
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
@@ -33,13 +34,7 @@ def setup(model_name, seed=0, users=9, items=11, clusters=4):
     tables = [EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=users, feature_names=["user_id"]),
               EmbeddingBagConfig(name="item", embedding_dim=dim, num_embeddings=items, feature_names=["item_id"])]
     emb = ClusteredEmbeddingBagCollection(tables, {"item": ClusteringConfig(max_clusters=6)})
-    st = emb.cluster_states["item"]
-    st.assignment.copy_(torch.randint(0, clusters, (items,), dtype=torch.int32))
-    st.assignment[:clusters] = torch.arange(clusters, dtype=torch.int32)
-    st.num_active = clusters
-    with torch.no_grad():
-        for p in emb.parameters():
-            p.normal_()
+    scatter_clusters(emb, "item", clusters, items)
     model = build_model(mcfg, seed=seed)
     n = 60
     u, i = torch.randint(0, users, (n,)), torch.randint(0, items - 2, (n,))   # last 2 items unseen
