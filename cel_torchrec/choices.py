@@ -15,6 +15,7 @@ LiteScoring = Literal["exact", "linearised"]               # how CEL-Lite scores
 ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_column_wise",
                        "data_parallel"]
 BatchScope = Literal["global", "local"]                    # where `batch` averaging counts members
+Bags = Literal["auto", "multi_hot"]                        # how a clustered feature's bags are read
 
 GRAD_AVERAGES: tuple[str, ...] = get_args(GradAverage)
 SPLIT_CRITERIA: tuple[str, ...] = get_args(SplitCriterion)
@@ -25,3 +26,4 @@ REASSIGN_MODES: tuple[str, ...] = get_args(ReassignMode)
 LITE_SCORINGS: tuple[str, ...] = get_args(LiteScoring)
 SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
 BATCH_SCOPES: tuple[str, ...] = get_args(BatchScope)
+BAGS: tuple[str, ...] = get_args(Bags)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, fields
 
-from cel_torchrec.choices import (GradAverage, SplitCriterion, SplitGradient, SplitMethod,
+from cel_torchrec.choices import (Bags, GradAverage, SplitCriterion, SplitGradient, SplitMethod,
                                   UnseenPolicy)
 
 
@@ -46,7 +46,15 @@ class ClusteringConfig:
     `num_entities`); members it does
     not record stay with their parent. `split_gradient`: what GPCA decomposes per member, the
     gradient `sum` over its interactions (the reference) or its `mean` (every informed member
-    weighs the same)."""
+    weighs the same).
+
+    `bags`: how the features of the table hold their ids. `auto`: a batch whose bags all hold
+    one id takes the direct lookup; any other the per-id layout (exact for bags of any length).
+    On CPU the bags are read to tell; on an accelerator, where reading them would stall the
+    step on a host sync, a feature with as many ids as bags is taken as one-hot unread and the
+    collection's `check_inputs()` (run by the phases, and by the trainer when it logs) raises
+    if such a batch was not. `multi_hot`: always the per-id layout (for multi-hot features whose
+    batches can hold exactly as many ids as bags)."""
 
     max_clusters: int
     init_clusters: int = 1
@@ -60,6 +68,7 @@ class ClusteringConfig:
     entity_bias_decay: float = 0.0
     window_rows: int | None = None
     split_gradient: SplitGradient = "sum"
+    bags: Bags = "auto"
 
     def __post_init__(self) -> None:
         check_choices(self)

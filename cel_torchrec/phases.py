@@ -52,11 +52,10 @@ class Ranks:
 
 
 def all_reduce_(tensor: torch.Tensor, env, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce across ranks (no-op on one process)."""
+    """In-place all-reduce across ranks (no-op on one process), on a device the backend takes."""
     if env.distributed:
-        import torch.distributed as dist
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(tensor, op=ops[op])
+        from cel_torchrec.distributed.collectives import all_reduce_ as reduce_
+        reduce_(tensor, op)
     return tensor
 
 
@@ -243,12 +242,12 @@ def _reduce_rows_to_owners(matrix: torch.Tensor, env: object) -> torch.Tensor:
     i.e. a reduce-scatter by entity); returns this rank's owned rows."""
     if not env.distributed:
         return matrix
-    import torch.distributed as dist
+    from cel_torchrec.distributed.collectives import reduce_
     bounds = _owner_bounds(matrix.shape[0], env.world_size)
     for r in range(env.world_size):
         part = matrix[bounds[r]:bounds[r + 1]]
         if part.numel():
-            dist.reduce(part, dst=r)
+            reduce_(part, dst=r)
     return matrix[bounds[env.rank]:bounds[env.rank + 1]]
 
 
@@ -257,13 +256,16 @@ def _all_gather_owned(part: torch.Tensor, n: int, env: object) -> torch.Tensor:
     if not env.distributed:
         return part
     import torch.distributed as dist
+    from cel_torchrec.distributed.collectives import to_backend
     bounds = _owner_bounds(n, env.world_size)
     longest = max(bounds[r + 1] - bounds[r] for r in range(env.world_size))
     padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=part.device)
     padded[: part.shape[0]] = part
+    padded = to_backend(padded)
     gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
     dist.all_gather(gathered, padded)
-    return torch.cat([gathered[r][: bounds[r + 1] - bounds[r]] for r in range(env.world_size)])
+    return torch.cat([gathered[r][: bounds[r + 1] - bounds[r]]
+                      for r in range(env.world_size)]).to(part.device)
 
 
 @torch.no_grad()
@@ -616,19 +618,20 @@ def lite_proposal(emb, model, recent: Iterable, table: str, loss: str, env=None,
 def _reduce_sparse_to_owners(rows: torch.Tensor, owner: torch.Tensor, env: object) -> torch.Tensor:
     """Rows sorted by owner rank: sum each owner's block over ranks at that owner (one reduce per
     owner), then share the owners' results (all-gather), so every rank gets the global sums."""
-    import torch.distributed as dist
+    from cel_torchrec.distributed.collectives import broadcast_, reduce_
     out = torch.empty_like(rows)
-    starts = torch.searchsorted(owner, torch.arange(env.world_size + 1)).tolist()
+    starts = torch.searchsorted(owner, torch.arange(env.world_size + 1,
+                                                    device=owner.device)).tolist()
     for r in range(env.world_size):
         part = rows[starts[r]:starts[r + 1]].contiguous()
         if part.numel():
-            dist.reduce(part, dst=r)
+            reduce_(part, dst=r)
         out[starts[r]:starts[r + 1]] = part
     mine = out[starts[env.rank]:starts[env.rank + 1]].contiguous()
     for r in range(env.world_size):
         part = mine if r == env.rank else torch.empty_like(out[starts[r]:starts[r + 1]])
         if part.numel():
-            dist.broadcast(part, src=r)
+            broadcast_(part, src=r)
         out[starts[r]:starts[r + 1]] = part
     return out
 
@@ -676,6 +679,7 @@ def run_reassignments(emb, model, batches, tables: list[str], *, loss: str,
     env = _env(env)
     tables = list(tables)
     t0 = time.perf_counter()
+    emb.check_inputs()          # the input checks deferred off the training step
     if hasattr(emb, "sync_statistics"):
         emb.sync_statistics(tables)
     was_training = emb.training
@@ -770,6 +774,7 @@ def run_split(emb, table: str, optimizer, reopen: Callable[[], None] | None = No
     """Split the open window's candidates of `table`, then open the next window (`reopen`, or
     `emb.begin_split_window`)."""
     t0 = time.perf_counter()
+    emb.check_inputs()          # the input checks deferred off the training step
     window = emb.split_window(table)
     recorded, dropped = window.num_rows, window.dropped
     plan = emb.split(table, optimizer=optimizer)

@@ -26,7 +26,11 @@ def to_kjt(batch: Mapping[str, np.ndarray], device: torch.device | str | None = 
     dense = (torch.from_numpy(np.stack([np.asarray(batch[k], dtype=np.float32) for k in dense_names],
                                        axis=1)) if dense_names else None)
     label = torch.from_numpy(np.ascontiguousarray(batch[schema.LABEL], dtype=np.float32))
-    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    # the per-key layout is known here on the host: handed on, the KJT (and its copy on the
+    # device) never reads its lengths back (a host sync per lookup on CUDA)
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=size,
+                            length_per_key=[size] * len(keys),
+                            offset_per_key=[size * i for i in range(len(keys) + 1)])
     if device is not None:
         kjt = kjt.to(device)
         dense = dense.to(device) if dense is not None else None

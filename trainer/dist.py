@@ -1,4 +1,6 @@
-"""The one place that chooses device and process-group backend (nccl on GPUs, gloo on CPU)."""
+"""The one place that chooses device and process-group backend: on GPUs `cpu:gloo,cuda:nccl`
+(CUDA tensors over nccl, the host-side bookkeeping of the loop and the phases over gloo, so no
+collective ever hands nccl a CPU tensor), on CPU gloo."""
 from __future__ import annotations
 
 import atexit
@@ -28,16 +30,20 @@ class DistEnv:
         return self.world_size > 1
 
 
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def choose_backend(requested: str = "auto", cuda: bool | None = None) -> str:
-    """`auto` -> nccl when CUDA is available, else gloo."""
+    """`auto` -> nccl for CUDA tensors when CUDA is available (`GPU_BACKEND`, with gloo for CPU
+    tensors), else gloo. `nccl` asks for the same device map."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
-        return "nccl" if cuda else "gloo"
+        return GPU_BACKEND if cuda else "gloo"
     if requested not in ("nccl", "gloo"):
         raise ValueError(f"dist.backend must be auto|nccl|gloo, got {requested!r}")
     if requested == "nccl" and not cuda:
         raise ValueError("dist.backend=nccl needs CUDA devices")
-    return requested
+    return GPU_BACKEND if requested == "nccl" else requested
 
 
 def init_distributed(requested_backend: str = "auto") -> DistEnv:
@@ -120,10 +126,11 @@ def shutdown_distributed(env: DistEnv) -> None:
 
 
 def all_reduce_(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce across ranks (no-op on a single process)."""
+    """In-place all-reduce across ranks (no-op on a single process), on a device the backend
+    takes (`cel_torchrec.distributed.collectives.all_reduce_`)."""
     if env.distributed:
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(tensor, op=ops[op])
+        from cel_torchrec.distributed.collectives import all_reduce_ as reduce_
+        reduce_(tensor, op)
     return tensor
 
 

@@ -204,10 +204,11 @@ class TrainRecipe:
         samples = 0
         while self.epoch < cfg.train.epochs and (max_steps is None or self.step < max_steps):
             self.emb.train(), self.model.train()
-            epoch_loss, epoch_batches = 0.0, 0
+            # the losses stay on the device: read on the host only when logged (no sync a step)
+            epoch_loss, epoch_batches = torch.zeros(()), 0
             for kjt, dense, label in synchronised(self.train_source.epoch(self.epoch), self.env):
                 loss = self._train_step(kjt, dense, label)
-                epoch_loss += loss
+                epoch_loss = epoch_loss.to(loss.device) + loss
                 epoch_batches += 1
                 samples += label.numel() * env.world_size
                 self.step += 1
@@ -215,7 +216,9 @@ class TrainRecipe:
                     self._cluster_phases(self.step)
                 if log_every and self.step % log_every == 0:
                     elapsed = time.perf_counter() - t_start
-                    self.logger.log({"train_loss": loss, "epoch": self.epoch,
+                    if self.cel is not None:       # the input checks deferred off the step
+                        self.cel.check_inputs()
+                    self.logger.log({"train_loss": float(loss), "epoch": self.epoch,
                                      "samples_per_s": samples / max(elapsed, 1e-9),
                                      **self._cluster_counts(), **self._phase_totals},
                                     step=self.step)
@@ -229,13 +232,14 @@ class TrainRecipe:
             if self.cfg.cel.interval_unit == "epoch":
                 self._cluster_phases(self.epoch)
             self.train_seconds += time.perf_counter() - t_start   # evaluation is not counted
-            val = self._log_eval(extra={"train_loss_epoch": epoch_loss / max(epoch_batches, 1)})
+            val = self._log_eval(extra={"train_loss_epoch": float(epoch_loss) / max(epoch_batches, 1)})
             self.save_checkpoint(report_metrics=val)
             t_start = time.perf_counter()
             samples = 0
         return self.finish()
 
-    def _train_step(self, kjt, dense, label) -> float:
+    def _train_step(self, kjt, dense, label) -> torch.Tensor:
+        """One optimizer step; returns the batch's mean loss, detached, on the device."""
         embs = self.emb(kjt).to_dict()
         pred = self.model(embs, dense)
         losses = per_sample_loss(pred, label, self.cfg.train.loss)
@@ -249,7 +253,7 @@ class TrainRecipe:
             self.cel.observe_losses(losses.detach())
         if self.recent is not None:          # CEL-Lite scores on the batches since the last pass
             self.recent.add(kjt, dense, label)
-        return float(losses.detach().mean())
+        return losses.detach().mean()
 
     def _epoch_steps(self) -> int:
         """Training steps per epoch (every rank takes the same number)."""

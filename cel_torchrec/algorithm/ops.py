@@ -19,18 +19,28 @@ def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: i
 
 
 def segment_count(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Occurrences of each segment id, `int64[num_segments]`."""
-    return torch.bincount(segment_ids.long(), minlength=num_segments)[:num_segments]
+    """Occurrences of each segment id (all in `[0, num_segments)`), `int64[num_segments]`. An
+    `index_add_` into a fixed size, not `bincount`, whose output size is data-dependent (a host
+    sync on CUDA)."""
+    ids = segment_ids.long()
+    out = torch.zeros(num_segments, dtype=torch.long, device=ids.device)
+    return out.index_add_(0, ids, torch.ones_like(ids))
 
 
 def distinct_members_in_batch(entity_ids: torch.Tensor, cluster_ids: torch.Tensor,
                               num_clusters: int) -> torch.Tensor:
-    """Number of distinct entities of each cluster present in the batch, `int64[num_clusters]`."""
-    uniq, inverse = torch.unique(entity_ids.long(), return_inverse=True)
-    # the cluster of each distinct entity (all its occurrences carry the same one)
-    cluster_of = torch.empty(uniq.numel(), dtype=torch.long, device=uniq.device)
-    cluster_of.scatter_(0, inverse, cluster_ids.long())
-    return segment_count(cluster_of, num_clusters)
+    """Number of distinct entities of each cluster present in the batch, `int64[num_clusters]`.
+    Sort, then count each entity's first occurrence: no data-dependent shape (`unique` would
+    cost a host sync on CUDA every step)."""
+    ids = entity_ids.long()
+    if ids.numel() == 0:
+        return torch.zeros(num_clusters, dtype=torch.long, device=ids.device)
+    order = torch.sort(ids).indices
+    sorted_ids = ids.index_select(0, order)
+    first = torch.ones_like(sorted_ids)
+    first[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    out = torch.zeros(num_clusters, dtype=torch.long, device=ids.device)
+    return out.index_add_(0, cluster_ids.long().index_select(0, order), first)
 
 
 def cluster_grad_scale(entity_ids: torch.Tensor, cluster_ids: torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cel_torchrec.algorithm.ops import segment_count
+
 
 class ClusterState(nn.Module):
     """Assignment map (`int32[num_entities]`, values in `[0, num_active)`), active-cluster count,
@@ -67,7 +69,7 @@ class ClusterState(nn.Module):
         when the map changed outside `move_entities` (the tensor's version counter tells), so the
         per-step cost is O(1), not O(entities)."""
         if self._member_counts_key != self._map_key():
-            self._member_counts = torch.bincount(self.assignment.long(), minlength=self.capacity)
+            self._member_counts = segment_count(self.assignment, self.capacity)
             self._member_counts_key = self._map_key()
         return self._member_counts
 

@@ -25,11 +25,73 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_rank(group)
 
 
+def backend_device_types(group: dist.ProcessGroup | None = None) -> frozenset[str]:
+    """The device types whose tensors `group`'s backend takes: `cpu:gloo,cuda:nccl` -> cpu and
+    cuda; plain `nccl` -> cuda only; plain `gloo` -> cpu and cuda."""
+    return device_types_of(str(dist.get_backend_config(group)))
+
+
+def device_types_of(backend_config: str) -> frozenset[str]:
+    """`backend_device_types` of a backend config string (`cpu:gloo,cuda:nccl`, `nccl`, ...)."""
+    types: set[str] = set()
+    for part in backend_config.split(","):
+        device, _, backend = part.strip().rpartition(":")
+        if device:
+            types.add(device)
+        else:
+            types |= {"cuda"} if backend == "nccl" else {"cpu", "cuda"}
+    return frozenset(types)
+
+
+def collective_device(group: dist.ProcessGroup | None = None,
+                      like: torch.Tensor | None = None) -> torch.device:
+    """A device `group`'s backend takes tensors on: `like`'s own where it can, else the CPU,
+    else (a CUDA-only backend such as plain nccl) the current CUDA device."""
+    if world_size(group) <= 1:
+        return like.device if like is not None else torch.device("cpu")
+    types = backend_device_types(group)
+    if like is not None and like.device.type in types:
+        return like.device
+    if "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def to_backend(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """`tensor` itself if `group`'s backend takes its device, else a copy on one it takes (copy
+    an in-place collective's result back with `tensor.copy_`)."""
+    dev = collective_device(group, tensor)
+    return tensor if tensor.device == dev else tensor.to(dev)
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum",
+                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Reduce (`sum` | `min` | `max`) `tensor` over ranks in place (and return it), on a device
+    the backend takes."""
+    if world_size(group) > 1:
+        moved = to_backend(tensor, group)
+        dist.all_reduce(moved, op=_REDUCE_OPS[op], group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
+
+
+def reduce_(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `tensor` over ranks into rank `dst`'s copy (in place), on a device the backend takes."""
+    if world_size(group) > 1:
+        moved = to_backend(tensor, group)
+        dist.reduce(moved, dst=dst, group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
+
+
 def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum `tensor` over ranks in place (and return it)."""
-    if world_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    return all_reduce_(tensor, "sum", group)
 
 
 def all_reduce_sum_many_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
@@ -41,7 +103,7 @@ def all_reduce_sum_many_(tensors: list[torch.Tensor], group: dist.ProcessGroup |
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group_tensors in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group_tensors])
+        flat = to_backend(torch.cat([t.reshape(-1) for t in group_tensors]), group)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         start = 0
         for t in group_tensors:
@@ -64,8 +126,11 @@ def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = N
 def broadcast_(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Overwrite `tensor` with rank `src`'s copy (in place)."""
     if world_size(group) > 1:
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src,
+        moved = to_backend(tensor, group)
+        dist.broadcast(moved, src=dist.get_global_rank(group, src) if group is not None else src,
                        group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 
@@ -75,7 +140,7 @@ def all_gather_variable(ids: torch.Tensor, group: dist.ProcessGroup | None = Non
     n = world_size(group)
     if n <= 1:
         return ids
-    length = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    length = torch.tensor([ids.numel()], dtype=torch.int64, device=collective_device(group, ids))
     lengths = [torch.zeros_like(length) for _ in range(n)]
     dist.all_gather(lengths, length, group=group)
     sizes = [int(x) for x in lengths]
@@ -107,9 +172,10 @@ def all_gather_padded(values: torch.Tensor, length: int, fill: int = -1,
     n = world_size(group)
     if n <= 1:
         return padded
-    parts = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat(parts)
+    moved = to_backend(padded, group)
+    parts = [torch.empty_like(moved) for _ in range(n)]
+    dist.all_gather(parts, moved, group=group)
+    return torch.cat(parts).to(values.device)
 
 
 def replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
@@ -118,8 +184,8 @@ def replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
         return True
     ref = tensor.clone()
     broadcast_(ref, 0, group)
-    same = torch.tensor([1 if torch.equal(ref, tensor) else 0], dtype=torch.int64, device=tensor.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN, group=group)
+    same = torch.tensor([1 if torch.equal(ref, tensor) else 0], dtype=torch.int64)
+    all_reduce_(same, "min", group)
     return bool(int(same))
 
 
@@ -216,16 +282,7 @@ def copy_rows(shards: list[LocalShard], src: torch.Tensor, dst: torch.Tensor, wi
         write_rows(usable, dst, values, state_index=kind)
 
 
-def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where small bookkeeping tensors must live for `group`'s backend (CUDA for nccl)."""
-    if world_size(group) > 1 and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_reduce_max_int(value: int, group: dist.ProcessGroup | None = None) -> int:
     if world_size(group) <= 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t)
+    return int(all_reduce_(torch.tensor([value], dtype=torch.int64), "max", group))

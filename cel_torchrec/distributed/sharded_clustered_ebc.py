@@ -399,9 +399,10 @@ class _GlobalDistinctMembers:
         if max_batch_per_rank is None:
             self._gathered = C.all_gather_variable(self._local, self._group)
         else:
-            gathered = C.all_gather_padded(self._local, max_batch_per_rank * len(self.keys),
-                                           fill=-1, group=self._group)
-            self._gathered = gathered[gathered >= 0]
+            # kept padded (the -1 fill lies outside every table's range): no masked select,
+            # so no data-dependent shape
+            self._gathered = C.all_gather_padded(self._local, max_batch_per_rank * len(self.keys),
+                                                 fill=-1, group=self._group)
         # the gradient hook keeps this object until backward: it must not keep the process group
         self._group = self._local = None
 
@@ -410,9 +411,11 @@ class _GlobalDistinctMembers:
             if self._gathered is None:
                 raise RuntimeError("global batch counts used before the all-gather "
                                    "(compute / compute_and_output_dist did not run)")
-            # sorted distinct ids, each feature one slice (sort + unique_consecutive: ~2x
-            # faster than torch.unique on CPU)
-            everyone = torch.unique_consecutive(torch.sort(self._gathered).values)
+            # distinct ids: sorted, each counted at its first occurrence (a sort, no `unique`
+            # and no host read: the shapes never depend on the data)
+            ids = torch.sort(self._gathered.long()).values
+            first = torch.ones_like(ids, dtype=torch.bool)
+            first[1:] = ids[1:] != ids[:-1]
             self._counts = {}
             per_table: dict[str, torch.Tensor] = {}
             for key, (table, start) in self.keys.items():
@@ -420,12 +423,12 @@ class _GlobalDistinctMembers:
                     self._counts[key] = per_table[table]
                     continue
                 state = self._states[table]
-                bounds = torch.tensor([start, start + state.num_entities], device=everyone.device)
-                lo, hi = torch.searchsorted(everyone, bounds).tolist()
+                inside = first & (ids >= start) & (ids < start + state.num_entities)
                 # gather then widen: never convert the whole O(entities) map per step
-                clusters = state.assignment.index_select(0, everyone[lo:hi] - start).long()
-                self._counts[key] = per_table[table] = torch.bincount(clusters,
-                                                                       minlength=state.capacity)
+                local = (ids - start).clamp(0, state.num_entities - 1)
+                clusters = state.assignment.index_select(0, local).long()
+                counts = torch.zeros(state.capacity, dtype=torch.long, device=ids.device)
+                self._counts[key] = per_table[table] = counts.index_add_(0, clusters, inside.long())
         return self._counts
 
     def grad_scale(self, key: str, cluster_ids: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,11 @@ class ClusterRemapper(nn.Module):
                                                generator=generator, device=device)
             for f in t.feature_names:
                 self.feature_to_table[f] = t.name
+        self.always_multi_hot = {name for name, cfg in clustering.items() if cfg.bags == "multi_hot"}
+        # feature -> int64[3] on the ids' device: (-lowest id, highest id, 1 if a batch taken as
+        # one-hot unread was not): checks deferred off the step on accelerators (`check_inputs`)
+        self._deferred: dict[str, torch.Tensor] = {}
+        self.defer_checks: bool | None = None     # None: defer on accelerators, not on CPU
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return self.remap(features)[0]
@@ -131,16 +136,45 @@ class ClusterRemapper(nn.Module):
             ids = values[start:end]
             state = self.states[table]
             lengths = _key_lengths(features, i)
-            one_hot = check_feature_ids(key, ids, lengths, state.num_entities)
+            defer = (self.defer_checks if self.defer_checks is not None
+                     else ids.device.type != "cpu")
+            one_hot = check_feature_ids(key, ids, lengths, state.num_entities,
+                                        self._deferred if defer else None,
+                                        multi_hot=table in self.always_multi_hot)
+            if defer:     # unchecked ids stay in range until `check_inputs` reports them
+                ids = ids.clamp(0, state.num_entities - 1)
             cluster_ids = remap_ids(state.assignment, ids)
             new_values[start:end] = cluster_ids.to(values.dtype)
             sample, share = bag_shares(lengths, ids.numel(), one_hot, table in self.mean_pooled,
                                        None if weights is None else weights[start:end])
             remapped.append(RemappedFeature(key, table, ids, cluster_ids, sample, share))
+        # the same layout: hand on its per-key lengths/offsets, so the lookup reads no lengths
         kjt = KeyedJaggedTensor(keys=features.keys(), values=new_values,
                                 lengths=features.lengths(), offsets=features.offsets(),
-                                weights=weights, stride=features.stride())
+                                weights=weights, stride=features.stride(),
+                                length_per_key=features.length_per_key(),
+                                offset_per_key=features.offset_per_key())
         return kjt, remapped
+
+    def check_inputs(self) -> None:
+        """Raise for what the deferred checks saw since the start (accelerators only; on CPU
+        every batch is checked as it comes): an id outside its table, or a feature taken as
+        one-hot (as many ids as bags) whose bags were not. One host read."""
+        if not self._deferred:
+            return
+        keys = list(self._deferred)
+        seen = torch.stack([self._deferred[k] for k in keys]).tolist()
+        for key, (neg_low, high, not_one_hot) in zip(keys, seen):
+            table = self.feature_to_table[key]
+            n = self.states[table].num_entities
+            if high >= 0 and (-neg_low < 0 or high >= n):
+                raise IndexError(f"feature {key!r}: ids must be in [0, {n}), got ids in "
+                                 f"[{-neg_low}, {high}]")
+            if not_one_hot:
+                raise ValueError(
+                    f"feature {key!r}: a batch held as many ids as bags but not one id per bag, "
+                    f"and was looked up as one-hot (on an accelerator the bags are not read in "
+                    f"the step); set ClusteringConfig(bags='multi_hot') for table {table!r}")
 
 
 def bag_shares(lengths: torch.Tensor, num_ids: int, one_hot: bool, mean: bool,
@@ -179,7 +213,7 @@ def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature],
     stride = batch + (n_max if extra_rows is None else max(int(extra_rows), n_max))
     values, lengths, offsets = kjt.values(), kjt.lengths(), kjt.offset_per_key()
     weights = kjt.weights_or_none()
-    vals, lens, wts = [], [], []
+    vals, lens, wts, per_key = [], [], [], []
     for i, key in enumerate(kjt.keys()):                 # a loop over features
         v = values[offsets[i]:offsets[i + 1]]
         vals.append(v)
@@ -187,6 +221,7 @@ def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature],
         if weights is not None:
             wts.append(weights[offsets[i]:offsets[i + 1]])
         n = int(v.numel()) if key in expanded else 0
+        per_key.append(int(v.numel()) + n)
         if n:
             vals.append(v)
             lens.append(torch.ones(n, dtype=lengths.dtype, device=lengths.device))
@@ -195,7 +230,7 @@ def per_id_layout(kjt: KeyedJaggedTensor, remapped: list[RemappedFeature],
         lens.append(torch.zeros(stride - batch - n, dtype=lengths.dtype, device=lengths.device))
     out = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(vals), lengths=torch.cat(lens),
                             weights=torch.cat(wts) if weights is not None else None,
-                            stride=stride)
+                            stride=stride, length_per_key=per_key)
     return out, stride
 
 
@@ -279,6 +314,12 @@ class ClusterAccess:
         (through the current assignment maps; other features unchanged): the KJT the cluster
         table looks up, without the lookup itself (for timing or inspection)."""
         return self._remapper(features)
+
+    def check_inputs(self) -> None:
+        """Raise for a bad input batch seen by the checks deferred off the step on an
+        accelerator (see `ClusteringConfig.bags`); a no-op on CPU, where each batch is checked
+        as it comes. One host read: call it where the loop syncs anyway (logging, phases)."""
+        self._remapper.check_inputs()
 
     def clustering_config(self, table: str) -> ClusteringConfig:
         """How clustered table `table` is clustered."""
@@ -649,13 +690,32 @@ def _key_lengths(features: KeyedJaggedTensor, index: int) -> torch.Tensor:
 
 
 def check_feature_ids(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor,
-                      num_entities: int) -> bool:
+                      num_entities: int, deferred: dict[str, torch.Tensor] | None = None,
+                      multi_hot: bool = False) -> bool:
     """Every id of a clustered feature lies in `[0, num_entities)`; returns whether every bag
-    holds exactly one id (the direct lookup path). One host read for both."""
+    holds exactly one id (the direct lookup path). Without `deferred` (CPU) one host read for
+    both, raising at once. With `deferred` (accelerators), no host read: as many ids as bags is
+    taken as one-hot, and the id range and that guess are folded into `deferred[key]` on the
+    device, for `ClusterRemapper.check_inputs` to report. `multi_hot`: the table's bags are
+    declared multi-hot (`ClusteringConfig.bags`): never the direct path."""
+    if deferred is not None:
+        one_hot = entity_ids.numel() == lengths.numel() and not multi_hot
+        if entity_ids.numel() == 0:
+            return one_hot
+        low, high = torch.aminmax(entity_ids)
+        bad = (lengths != 1).any() if one_hot else torch.zeros((), dtype=torch.bool,
+                                                               device=lengths.device)
+        seen = torch.stack([-low.long(), high.long(), bad.long()])
+        acc = deferred.get(key)
+        if acc is None:
+            deferred[key] = seen
+        else:
+            torch.maximum(acc, seen, out=acc)
+        return one_hot
     parts = ([*torch.aminmax(lengths)] if lengths.numel() else []) + \
             ([*torch.aminmax(entity_ids)] if entity_ids.numel() else [])
     if not parts:
-        return True
+        return not multi_hot
     bounds = torch.stack([p.long() for p in parts]).tolist()
     one_hot = True
     if lengths.numel():
@@ -666,7 +726,7 @@ def check_feature_ids(key: str, entity_ids: torch.Tensor, lengths: torch.Tensor,
         if low < 0 or high >= num_entities:
             raise IndexError(f"feature {key!r}: ids must be in [0, {num_entities}), "
                              f"got [{low}, {high}]")
-    return one_hot
+    return one_hot and not multi_hot
 
 
 def _column_ranges(lengths: list[int]) -> list[tuple[int, int]]:
