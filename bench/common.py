@@ -34,10 +34,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_results(name: str, records: list[dict[str, Any]], **extra: Any) -> pathlib.Path:
-    """Write bench/results/<name>.json as {benchmark, commit, machine, records, ...}."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_results(name: str, records: list[dict[str, Any]], directory: pathlib.Path | None = None,
+                  **extra: Any) -> pathlib.Path:
+    """Write bench/results/<name>.json (or `directory`/<name>.json) as {benchmark, commit,
+    machine, records, ...}."""
+    directory = RESULTS_DIR if directory is None else pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     payload = {"benchmark": name, "commit": COMMIT_AT_START, "machine": machine(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
                "records": records}
