@@ -207,7 +207,8 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    """Process-group backend (`auto`: nccl on GPUs, else gloo), the table sharding type, and for
+    """Process-group backend (`auto` or `nccl` on GPUs: `cpu:gloo,cuda:nccl`, i.e. nccl for CUDA
+    tensors and gloo for host-side ones; `auto` on CPU: gloo), the table sharding type, and for
     `grad_average: batch` tables where the distinct members are counted: in the `global` batch
     (exact, one all-gather per step) or in each rank's `local` batch (no communication)."""
 
