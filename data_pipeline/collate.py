@@ -25,7 +25,7 @@ def to_kjt(batch: Mapping[str, np.ndarray], device: torch.device | str | None = 
     dense_names = [k for k in batch if k.startswith(schema.DENSE_PREFIX)]
     dense = (torch.from_numpy(np.stack([np.asarray(batch[k], dtype=np.float32) for k in dense_names],
                                        axis=1)) if dense_names else None)
-    label = torch.from_numpy(np.ascontiguousarray(batch[schema.LABEL], dtype=np.float32))
+    label = torch.from_numpy(np.array(batch[schema.LABEL], dtype=np.float32))   # a writable copy
     # the per-key layout is known here on the host: handed on, the KJT (and its copy on the
     # device) never reads its lengths back (a host sync per lookup on CUDA)
     kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=size,

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # ray and numpy stay lazy: `import jobs.ray_train` must be ch
     import ray.train
 
 DEFAULT_WORKER = "trainer.worker:ray_worker_entry"
+# Ray Train's print patch re-logs every print of a worker whose stdout Ray has wrapped, so each
+# line reached the console twice; off, a print is a print (trainer.logs keeps the console quiet)
+QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 RAY_RUN_NAME = "ray_train"          # Ray's own files: RUN_DIR/ray_train/checkpoint_*, state
 WorkerFn = Callable[[dict, "RayWorkerContext"], Any]
 
@@ -187,6 +190,8 @@ def resolve_worker(worker_fn: WorkerFn | str) -> WorkerFn:
 def _worker_loop(worker_fn: WorkerFn | str, dataset_rows: dict[str, int], config: dict) -> Any:
     """`train_loop_per_worker`: build the context, run the worker; rank 0's return value is the
     run's `Result.return_value`."""
+    from trainer.logs import quiet_console      # before the worker imports TorchRec / FBGEMM
+    quiet_console(bool(get(config, "tracking.verbose", False)))
     ctx = ray_context(dataset_rows, seed=int(get(config, "train.seed", 0)),
                       shuffle_buffer_batches=int(get(config, "ray.shuffle_buffer_batches", 4)))
     return resolve_worker(worker_fn)(config, ctx)
@@ -300,6 +305,8 @@ def init_ray(config: Mapping) -> bool:
     import ray
     if ray.is_initialized():
         return False
+    for key, value in QUIET_RAY_ENV.items():     # a local Ray's workers inherit them
+        os.environ.setdefault(key, value)
     address = get(config, "ray.address") or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
     if address == "local":
@@ -402,8 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--worker", default=DEFAULT_WORKER,
                         help="worker function as module:function (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="third-party logging on the console too (tracking.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    if args.verbose:
+        args.overrides = [*args.overrides, "tracking.verbose=true"]
     if not os.path.isfile(args.config):
         print(f"error: config file {args.config} not found", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ import time
 import urllib.parse
 from typing import Any, Sequence
 
+from jobs.ray_train import QUIET_RAY_ENV
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXCLUDES = ["/.venv/", "/data/", "/runs/", "/wandb/", "/.git/", "/bench/results/",
             "__pycache__/", "*.pyc", ".hypothesis/", ".pytest_cache/", "*.egg-info/"]
@@ -68,6 +70,7 @@ def collect_env(extra: Sequence[str]) -> dict[str, str]:
     """The W&B variables that are set, then `--env KEY` (copied from here) / `KEY=VALUE`."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env["PYTHONUNBUFFERED"] = "1"          # stream the job's prints as they happen
+    env.update(QUIET_RAY_ENV)                # every worker line once, not twice
     for item in extra:
         key, eq, value = item.partition("=")
         if eq:

@@ -250,6 +250,9 @@ class TrackingConfig:
     wandb_project: str = "cel-torchrec"
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     log_every_steps: int = 50
+    # third-party logging below ERROR (TorchRec's planner, FBGEMM, Ray Train) on the console
+    # too, not only in RUN_DIR/logs/rank<R>.log (`--verbose` sets it); see trainer.logs
+    verbose: bool = False
 
 
 @dataclass

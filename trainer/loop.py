@@ -23,6 +23,7 @@ from trainer.builders import (CONFIG_KEY_OF_TABLE, build_embedding_collection, r
 from trainer.checkpointing import CheckpointClient
 from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, init_single_process_group
+from trainer.logs import attach_run_log, detach_run_log
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import CTR_MODELS, build_model
 from trainer.planted import planted_metrics, setup_planted
@@ -54,6 +55,7 @@ class TrainRecipe:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.train.seed)
         self.run_dir = self._run_dir()
+        self._run_log = attach_run_log(self.run_dir, env.rank)
         self.data_dir = resolve_dataset(cfg, env)
         self.meta = load_meta(self.data_dir)
         self.user_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "users")))
@@ -555,6 +557,7 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         self.logger.close()
+        detach_run_log(getattr(self, "_run_log", None))
 
 
 def _config_key(table: str) -> str:

@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from trainer.config import load_config
-from trainer.worker import run_worker
 
 # the headline metrics printed at the end of a run (metrics.json has them all)
 HEADLINE = ("val_rmse", "val_rmse_cold", "val_rmse_warm", "best_val_rmse", "val_auc",
@@ -33,9 +32,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="third-party logging on the console too (tracking.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["tracking.verbose=true"] if args.verbose else [])])
+    from trainer.logs import quiet_console
+    quiet_console(cfg.tracking.verbose)          # before TorchRec and FBGEMM are imported
+    from trainer.worker import run_worker
     metrics = run_worker(cfg)
     import os
     if int(os.environ.get("RANK", "0")) == 0:

@@ -161,7 +161,10 @@ class WandbLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, dir=str(run_dir), config=config or {},
                               mode=self.mode, name=name, id=run_id, resume=resume,
-                              settings=wandb.Settings(**(settings or {})))
+                              # console "off": no capture of the run's own console (its
+                              # lines are in RUN_DIR/logs); quiet: no 30-line summary
+                              settings=wandb.Settings(**{"console": "off", "quiet": True,
+                                                         **(settings or {})}))
         self._closed = False
         self._pending: dict = {}             # this step's metrics, merged until the step moves on
         self._pending_step: int | None = None

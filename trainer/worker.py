@@ -6,6 +6,7 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.dist import DistEnv, init_distributed, shutdown_distributed
+from trainer.logs import quiet_console
 from trainer.loop import TrainRecipe
 
 
@@ -15,6 +16,7 @@ def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
     if cfg.train.num_threads > 0:
         import torch
         torch.set_num_threads(cfg.train.num_threads)
+    quiet_console(cfg.tracking.verbose)
     env = init_distributed(cfg.dist.backend)
     try:
         return _train(cfg, env, ray_ctx)      # the recipe (model, process-group users) dies here
