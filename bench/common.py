@@ -6,7 +6,6 @@ import os
 import pathlib
 import platform
 import resource
-import subprocess
 import time
 from typing import Any, Iterable
 
@@ -14,11 +13,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=RESULTS_DIR.parent, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+    from trainer.checkpointing import code_commit
+    return code_commit()
 
 
 # the commit the benchmark started from (a long benchmark may outlive the HEAD it ran)

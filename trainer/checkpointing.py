@@ -14,11 +14,23 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import subprocess
 from typing import Any, Callable
 
 import torch
 
 from trainer.dist import DistEnv, barrier
+
+
+def code_commit() -> str:
+    """The git commit of the code this process runs (short hash), or "unknown" outside a
+    checkout; recorded in checkpoints and exports as the training commit."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=pathlib.Path(__file__).resolve().parent,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
 
 
 class CheckpointClient:

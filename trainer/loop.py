@@ -20,7 +20,7 @@ from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, RecentInterac
 from data_pipeline.dataset import load_meta, load_train_counts
 from trainer.builders import (CONFIG_KEY_OF_TABLE, build_embedding_collection, resolve_dataset,
                               table_specs)
-from trainer.checkpointing import CheckpointClient
+from trainer.checkpointing import CheckpointClient, code_commit
 from trainer.config import TrainConfig, config_to_dict
 from trainer.dist import DistEnv, init_single_process_group
 from trainer.logs import attach_run_log, detach_run_log
@@ -57,6 +57,7 @@ class TrainRecipe:
         self.run_dir = self._run_dir()
         self._run_log = attach_run_log(self.run_dir, env.rank)
         self.data_dir = resolve_dataset(cfg, env)
+        self.commit = code_commit()
         self.meta = load_meta(self.data_dir)
         self.user_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "users")))
         self.item_counts = torch.from_numpy(np.array(load_train_counts(self.data_dir, "items")))
@@ -434,7 +435,10 @@ class TrainRecipe:
                  "phase_seconds": self.phase_seconds, "train_seconds": self.train_seconds,
                  "history": self.history, "windows": self._window_state(),
                  "split_due": dict(self.split_due),
-                 "world_size": self.env.world_size, "tables": self._tables_tag()}
+                 "world_size": self.env.world_size, "tables": self._tables_tag(),
+                 # what trainer.export needs to rebuild the run without its YAML
+                 "config": config_to_dict(self.cfg), "commit": self.commit,
+                 "data_dir": str(self.data_dir.resolve())}
         if not self.tables.sharded:
             state["emb"] = self.emb.state_dict()   # tables + cluster state (assignment, counters)
         return state

@@ -116,6 +116,16 @@ class MatrixFactorization(nn.Module):
         return ((u[:, :d] * i[:, :d]).sum(-1) + u[:, d] + i[:, d] + self.global_bias
                 + self._dense_term(dense))
 
+    def score_matrix(self, users: Tensor, items: Tensor) -> Tensor:
+        """`[U, I]` scores of every user row against every item row (no dense features):
+        equal to `forward` on each pair, one matrix product instead of U x I rows."""
+        if self.dense is not None:
+            raise ValueError("score_matrix: MF with dense features needs them per pair; score "
+                             "pairs with forward()")
+        d = self.embedding_dim
+        return (users[:, :d] @ items[:, :d].T + users[:, d:d + 1] + items[:, d].unsqueeze(0)
+                + self.global_bias)
+
     def linear_form(self, embeddings: dict[str, Tensor], dense: Tensor | None,
                     feature: str) -> tuple[Tensor, Tensor]:
         """`(x [B, D], const [B])` with `pred = x . e + const` for `e` = the full embedding row
@@ -185,6 +195,13 @@ class TwoTower(nn.Module):
         if self.num_dense and dense is not None:
             u = torch.cat([u, dense], dim=1)
         return (self.user_tower(u) * self.item_tower(i)).sum(-1) + self.global_bias
+
+    def score_matrix(self, users: Tensor, items: Tensor) -> Tensor:
+        """`[U, I]` scores of every user row against every item row (no dense features)."""
+        if self.num_dense:
+            raise ValueError("score_matrix: a two-tower model with dense features needs them "
+                             "per user; score pairs with forward()")
+        return self.user_tower(users) @ self.item_tower(items).T + self.global_bias
 
 
 class DLRM(nn.Module):
