@@ -188,3 +188,28 @@ def test_export_of_a_two_process_sharded_run_reproduces_its_validation_rmse(tmp_
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rmse = regression_metrics(got, val.column("label").to_numpy())["rmse"]
     assert rmse == pytest.approx(metrics["val_rmse"], abs=1e-5)
+
+
+def test_export_of_a_ctr_model_scores_every_feature_and_the_dense_columns(tmp_path):
+    from data_pipeline.synthetic_ctr import generate_synthetic_ctr
+    from tests.trainer.test_ctr_e2e import ctr_config
+    from trainer.metrics import auc_score
+    from trainer.worker import run_worker
+    data = tmp_path / "data"
+    generate_synthetic_ctr(data, rows=4000, vocab_max=400, vocab_min=5, categorical=3, dense=2,
+                           clusters=4, seed=0)
+    metrics = run_worker(ctr_config(tmp_path, data, "ctr", "model.name=deepfm",
+                                    "embedding.compression=4", "train.epochs=1"))
+    manifest = export_run(tmp_path / "ctr", tmp_path / "export")
+    assert len(manifest["features"]) == 3 and len(manifest["dense_features"]) == 2
+    assert "clustered" in {s["kind"] for s in manifest["features"].values()}
+    served = ServingModel(tmp_path / "export")
+    val = ds.dataset(str(data / "val"), format="parquet").to_table()
+    columns = {f: _raw(served, f, val.column(f).to_numpy()) for f in served.features}
+    columns.update({c: val.column(c).to_numpy() for c in served.dense_features})
+    prob = served.predict(columns)
+    assert ((prob > 0) & (prob < 1)).all()
+    auc = auc_score(prob, val.column("label").to_numpy())
+    assert auc == pytest.approx(metrics["val_auc"], abs=1e-6)
+    with pytest.raises(ValueError, match="recommend scores users against items"):
+        served.recommend(["0"])
