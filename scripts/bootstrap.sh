@@ -18,10 +18,10 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [[ "$CEL_DEVICE" == "cpu" ]]; then
   # torch first and pinned, so nothing later can pull a CUDA build.
   "${PIP[@]}" "torch==2.13.0"
-  "${PIP[@]}" -e ".[cpu,test]"
+  "${PIP[@]}" -e ".[cpu,test,bench]"
   "${PIP[@]}" --no-deps "torchrec==1.8.0"
 else
-  "${PIP[@]}" -e ".[cuda,test]"
+  "${PIP[@]}" -e ".[cuda,test,bench]"
 fi
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, ray, pyarrow, wandb; print('[bootstrap] torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', 'ray', ray.__version__)" >&2
 rm -f "$VENV"/.cel-installed-* && touch "$STAMP"
