@@ -56,14 +56,18 @@ def rmse_on(algo, rows: np.ndarray) -> float:
 
 
 def item_side_bytes(algo, num_items: int) -> int | None:
-    """float32 bytes of the item side: factors (qi; SVD++ adds yj) and the item bias."""
+    """float32 bytes of the item side: factors (qi; SVD++ adds yj), the item bias and, for
+    item-based KNN, the item x item similarity matrix it scores with."""
     per_item = 0
+    sim = getattr(algo, "sim", None)
+    extra = int(sim.size) * 4 if sim is not None and getattr(algo, "sim_options", {}).get(
+        "user_based", True) is False else 0
     for name in ("qi", "yj"):
         if getattr(algo, name, None) is not None:
             per_item += getattr(algo, name).shape[1]
     if hasattr(algo, "bi"):
         per_item += 1
-    return per_item * 4 * num_items if per_item else None
+    return per_item * 4 * num_items + extra if per_item or extra else None
 
 
 def run(data: pathlib.Path, quick: bool) -> list[dict]:

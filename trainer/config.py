@@ -77,7 +77,7 @@ class ModelConfig:
     """The interaction model on top of the embeddings. `embedding_dim` is the latent width d;
     the embedding tables may be wider (see `trainer.models.embedding_dim_for`)."""
 
-    name: Literal["mf", "neumf", "two_tower", "dlrm", "deepfm"] = "mf"
+    name: Literal["mf", "neumf", "two_tower", "dlrm", "deepfm", "gmf"] = "mf"
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     # dlrm: the dense arch's hidden widths (its last layer is embedding_dim)

@@ -76,7 +76,7 @@ class TrainRecipe:
             self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
         if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
             self.model.set_global_bias(self._train_label_mean())
-        elif cfg.model.name in CTR_MODELS and cfg.train.loss == "bce":   # the base rate's logit
+        elif cfg.model.name in (*CTR_MODELS, "gmf") and cfg.train.loss == "bce":   # base rate logit
             rate = min(max(self._train_label_mean(), 1e-6), 1 - 1e-6)
             self.model.set_global_bias(math.log(rate / (1 - rate)))
         # fused FBGEMM tables (sharded by DMP, on 1 rank for one process) or a torch optimizer

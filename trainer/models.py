@@ -9,6 +9,7 @@ column), so CEL can cluster it. Models hold no assumption on B: CEL reassignment
     MF         pred = <u[:d], i[:d]> + u[d] + i[d] + b          tables D = d + 1
     NeuMF      GMF(u_g * i_g) ++ MLP([u_m, i_m]) -> linear       tables D = d (halves)
     two-tower  <tower_u(u), tower_i(i)> + b                      tables D = d
+    GMF        <u, i> + b   (the CCE paper's harness: a logit for BCE)  tables D = d
 
 CTR models read every categorical feature of the dataset (user_id, item_id and each sparse_*
 column, one table each) and its dense features:
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 USER, ITEM = "user_id", "item_id"
-MODEL_NAMES = ("mf", "neumf", "two_tower", "dlrm", "deepfm")
+MODEL_NAMES = ("mf", "neumf", "two_tower", "dlrm", "deepfm", "gmf")
 CTR_MODELS = ("dlrm", "deepfm")           # models over every categorical feature
 
 
@@ -33,9 +34,9 @@ def embedding_dim_for(model_cfg) -> int:
     d = int(model_cfg.embedding_dim)
     if model_cfg.name in ("mf", "deepfm"):
         return -(-(d + 1) // 4) * 4
-    if model_cfg.name == "dlrm" and d % 4:
-        raise ValueError("model.embedding_dim must be a multiple of 4 for dlrm (FBGEMM's "
-                         "table kernels)")
+    if model_cfg.name in ("dlrm", "gmf") and d % 4:
+        raise ValueError(f"model.embedding_dim must be a multiple of 4 for {model_cfg.name} "
+                         f"(FBGEMM's table kernels)")
     if model_cfg.name == "neumf" and d < 2:
         raise ValueError("model.embedding_dim must be >= 2 for neumf (GMF and MLP halves)")
     return d
@@ -61,6 +62,8 @@ def build_model(model_cfg, num_dense: int = 0, seed: int | None = None,
             return DeepFM(features, d, num_dense, hidden, dropout=dropout)
         if model_cfg.name == "mf":
             return MatrixFactorization(d, num_dense=num_dense)
+        if model_cfg.name == "gmf":
+            return GMF(d)
         if model_cfg.name == "neumf":
             return NeuMF(d, hidden, dropout=dropout, num_dense=num_dense)
         return TwoTower(d, hidden, dropout=dropout, num_dense=num_dense)
@@ -135,6 +138,32 @@ class MatrixFactorization(nn.Module):
         x = torch.cat([other[:, :d], torch.ones_like(other[:, :1])], dim=1)
         const = other[:, d] + self.global_bias + self._dense_term(dense)
         return x, const
+
+
+class GMF(nn.Module):
+    """Generalised MF as the CCE paper's harness uses it (Tsang & Ahle, 2023): the dot product
+    of the user and item rows plus a global bias, no per-entity biases; with `train.loss=bce`
+    the output is a click logit. Linear in either row (`linear_form`: exact reassignment)."""
+
+    def __init__(self, embedding_dim: int):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.global_bias = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def set_global_bias(self, value: float) -> None:
+        self.global_bias.fill_(float(value))
+
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+        return (embeddings[USER] * embeddings[ITEM]).sum(-1) + self.global_bias
+
+    def linear_form(self, embeddings: dict[str, Tensor], dense: Tensor | None,
+                    feature: str) -> tuple[Tensor, Tensor]:
+        other = embeddings[ITEM if feature == USER else USER]
+        return other, self.global_bias.expand(other.shape[0])
+
+    def score_matrix(self, users: Tensor, items: Tensor) -> Tensor:
+        return users @ items.T + self.global_bias
 
 
 class NeuMF(nn.Module):

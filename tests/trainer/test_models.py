@@ -158,3 +158,30 @@ def test_seeded_build_is_deterministic_and_leaves_global_rng(name):
         assert torch.equal(pc, pd)
     embs = embeddings(9, embedding_dim_for(cfg(name)))
     torch.testing.assert_close(a.eval()(embs, None), b.eval()(embs, None))
+
+
+@pytest.mark.parametrize("name", ["mf", "two_tower", "gmf"])
+def test_score_matrix_equals_forward_on_every_pair(name):
+    model = build_model(cfg(name), seed=0).eval()
+    model.set_global_bias(0.75)
+    width = embedding_dim_for(cfg(name))
+    g = torch.Generator().manual_seed(1)
+    users, items = torch.randn(5, width, generator=g), torch.randn(7, width, generator=g)
+    pairs = {"user_id": users.repeat_interleave(7, dim=0), "item_id": items.repeat(5, 1)}
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_matrix(users, items),
+                                   model(pairs, None).view(5, 7))
+
+
+@pytest.mark.parametrize("feature", ["user_id", "item_id"])
+def test_gmf_is_a_dot_product_plus_bias_and_linear_in_each_row(feature):
+    model = build_model(cfg("gmf", d=8))
+    model.set_global_bias(-0.5)
+    embs = embeddings(10, 8)
+    expected = (embs["user_id"] * embs["item_id"]).sum(1) - 0.5
+    torch.testing.assert_close(model(embs, None), expected)
+    x, const = model.linear_form(embs, None, feature)
+    torch.testing.assert_close((x * embs[feature]).sum(1) + const, expected)
+    assert embedding_dim_for(cfg("gmf", d=8)) == 8
+    with pytest.raises(ValueError, match="multiple of 4"):
+        embedding_dim_for(cfg("gmf", d=6))
