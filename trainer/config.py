@@ -184,7 +184,13 @@ class OptimConfig:
     l2: float = 0.0
     seed: int = 0
     eval_every_steps: int | None = None
-    loss: Literal["mse", "bce"] = "mse"
+    # bpr / softmax: retrieval on implicit feedback (every row with label > 0 a positive;
+    # trainer.retrieval): BPR over `negatives` uniform negatives per positive, or sampled
+    # softmax over the batch's other items; evaluated by recall@K / NDCG@K over the catalogue
+    loss: Literal["mse", "bce", "bpr", "softmax"] = "mse"
+    negatives: int = 1
+    # ranking metrics: at most this many of the split's users (a fixed random sample; 0: all)
+    ranking_eval_users: int = 20000
     # intra-op threads per process (0: torch's default). One by default: the ops are small, and
     # on a shared 2-core machine OpenMP's spinning threads made steps ~10x slower.
     num_threads: int = 1

@@ -27,6 +27,8 @@ from trainer.logs import attach_run_log, detach_run_log
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import CTR_MODELS, build_model
 from trainer.planted import planted_metrics, setup_planted
+from trainer.retrieval import (RankingEvaluator, RetrievalObjective, check_retrieval_config,
+                               is_retrieval)
 from trainer.sources import BatchSource, local_source, padded, synchronised
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
@@ -74,6 +76,14 @@ class TrainRecipe:
                                      seed=cfg.train.seed, features=features).to(env.device)
         else:
             self.model = build_model(cfg.model, seed=cfg.train.seed).to(env.device)
+        # bpr / softmax: sampled negatives and ranking metrics over the catalogue
+        self.retrieval = self.ranking = None
+        if is_retrieval(cfg.train.loss):
+            check_retrieval_config(cfg, self.meta.sparse_features)
+            self.retrieval = RetrievalObjective(cfg.train.loss, self.meta.num_items,
+                                                cfg.train.negatives, self.item_counts,
+                                                seed=cfg.train.seed + 2)
+            self.ranking = self._ranking_evaluator("val")
         if hasattr(self.model, "set_global_bias") and cfg.train.loss == "mse":
             self.model.set_global_bias(self._train_label_mean())
         elif cfg.model.name in (*CTR_MODELS, "gmf") and cfg.train.loss == "bce":   # base rate logit
@@ -243,10 +253,17 @@ class TrainRecipe:
 
     def _train_step(self, kjt, dense, label) -> torch.Tensor:
         """One optimizer step; returns the batch's mean loss, detached, on the device."""
-        embs = self.emb(kjt).to_dict()
-        pred = self.model(embs, dense)
-        losses = per_sample_loss(pred, label, self.cfg.train.loss)
-        loss = losses.mean()
+        if self.retrieval is not None:       # positives (label > 0), widened with negatives
+            label = (label > 0).to(label.dtype)
+            seen = (kjt, dense, label)
+            kjt, dense, label = self.retrieval.training_batch(kjt, dense, label)
+            embs = self.emb(kjt).to_dict()
+            loss, losses = self.retrieval.losses(self.model, kjt, embs, dense, label)
+        else:
+            embs = self.emb(kjt).to_dict()
+            pred = self.model(embs, dense)
+            losses = per_sample_loss(pred, label, self.cfg.train.loss)
+            loss = losses.mean()
         if self.cfg.train.l2:
             loss = loss + self.cfg.train.l2 * sum((e * e).sum(1).mean() for e in embs.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,8 +272,9 @@ class TrainRecipe:
         if self.cel is not None:
             self.cel.observe_losses(losses.detach())
         if self.recent is not None:          # CEL-Lite scores on the batches since the last pass
-            self.recent.add(kjt, dense, label)
-        return losses.detach().mean()
+            self.recent.add(*(self.retrieval.pointwise(*seen) if self.retrieval is not None
+                              else (kjt, dense, label)))
+        return loss.detach()
 
     def _epoch_steps(self) -> int:
         """Training steps per epoch (every rank takes the same number)."""
@@ -323,8 +341,8 @@ class TrainRecipe:
             if REASSIGN in actions:
                 reports += [rep for _, rep in run_reassignments(
                     self.cel, self.interaction_model,
-                    lambda: padded(self.reassign_source.epoch(0), self.env), group,
-                    loss=self.cfg.train.loss, env=self.env,
+                    self._reassign_batches(), group,
+                    loss=self.phase_loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
                     lite_k=self.cfg.cel.lite_k, lite_scoring=self.cfg.cel.lite_scoring,
@@ -341,6 +359,27 @@ class TrainRecipe:
         for rep in reports:     # per-event detail goes to phases.jsonl; totals to the logger
             key = f"{rep.kind}_seconds_{_config_key(rep.table)}"
             self._phase_totals[key] = self._phase_totals.get(key, 0.0) + rep.seconds
+
+    @property
+    def phase_loss(self) -> str:
+        """The per-sample loss the cluster phases score: the training loss, or for the ranking
+        losses their pointwise surrogate (logistic loss over sampled negatives)."""
+        return "bce" if self.retrieval is not None else self.cfg.train.loss
+
+    def _reassign_batches(self):
+        """A callable giving the reassignment pass's batches (each rank's training share;
+        retrieval: widened with sampled negatives)."""
+        if self.retrieval is None:
+            return lambda: padded(self.reassign_source.epoch(0), self.env)
+        return lambda: self.retrieval.reassign_batches(
+            padded(self.reassign_source.epoch(0), self.env))
+
+    def _ranking_evaluator(self, split: str) -> RankingEvaluator:
+        return RankingEvaluator(self.data_dir, split, self.meta.num_users, self.meta.num_items,
+                                self.user_counts.numpy(), self.item_counts.numpy(),
+                                self.cfg.data.cold_threshold,
+                                max_users=self.cfg.train.ranking_eval_users,
+                                seed=self.cfg.train.seed)
 
     def embedding_state_bytes(self) -> int:
         """This rank's bytes of entity-dependent training state, counted once per storage: the
@@ -388,6 +427,11 @@ class TrainRecipe:
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict:
         self.emb.eval(), self.model.eval()
+        if self.retrieval is not None:       # ranking over the catalogue, training items out
+            ranking = self.ranking if split == "val" else self._ranking_evaluator(split)
+            metrics = ranking.evaluate(self.emb, self.interaction_model, self.env, self.env.device)
+            self.emb.train(), self.model.train()
+            return {f"{split}_{k}": v for k, v in metrics.items()}
         acc = MetricAccumulator(kind="rating" if self.cfg.train.loss == "mse" else "click",
                                 user_train_counts=self.user_counts,
                                 item_train_counts=self.item_counts,
@@ -554,6 +598,15 @@ class TrainRecipe:
                 metrics["best_val_rmse_cold"] = best.get("val_rmse_cold")
                 metrics["time_to_best_s"] = best.get("train_time_s")
                 metrics["best_epoch"] = best.get("epoch")
+        if "val_recall_at_20" in final and self.history:   # retrieval: best epoch by recall@20
+            scored = [h for h in self.history if _finite(h.get("val_recall_at_20"))]
+            best = max(scored, key=lambda h: h["val_recall_at_20"], default=None)
+            if best:
+                for k in ("recall_at_20", "ndcg_at_20", "recall_at_20_cold_items",
+                          "recall_at_20_cold_users"):
+                    metrics[f"best_val_{k}"] = best.get(f"val_{k}")
+                metrics["time_to_best_s"] = best.get("train_time_s")
+                metrics["best_epoch"] = best.get("epoch")
         if self.env.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
         self.logger.log_summary(metrics)
@@ -567,6 +620,10 @@ class TrainRecipe:
 def _config_key(table: str) -> str:
     """How metrics name a table: `users` / `items`, a CTR feature by its own name."""
     return CONFIG_KEY_OF_TABLE.get(table, table)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _jsonable(d: dict) -> dict:

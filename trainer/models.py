@@ -113,8 +113,13 @@ class MatrixFactorization(nn.Module):
             return 0.0
         return self.dense(dense).squeeze(-1)
 
-    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None,
+                all_pairs: bool = False) -> Tensor:
+        """Each row's score; `all_pairs`: every row's user against every row's item
+        (`score_matrix`, the in-batch logits of sampled softmax)."""
         u, i = embeddings[USER], embeddings[ITEM]
+        if all_pairs:
+            return self.score_matrix(u, i)
         d = self.embedding_dim
         return ((u[:, :d] * i[:, :d]).sum(-1) + u[:, d] + i[:, d] + self.global_bias
                 + self._dense_term(dense))
@@ -154,7 +159,10 @@ class GMF(nn.Module):
     def set_global_bias(self, value: float) -> None:
         self.global_bias.fill_(float(value))
 
-    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None,
+                all_pairs: bool = False) -> Tensor:
+        if all_pairs:
+            return self.score_matrix(embeddings[USER], embeddings[ITEM])
         return (embeddings[USER] * embeddings[ITEM]).sum(-1) + self.global_bias
 
     def linear_form(self, embeddings: dict[str, Tensor], dense: Tensor | None,
@@ -219,8 +227,11 @@ class TwoTower(nn.Module):
     def set_global_bias(self, value: float) -> None:
         self.global_bias.fill_(float(value))
 
-    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: dict[str, Tensor], dense: Tensor | None = None,
+                all_pairs: bool = False) -> Tensor:
         u, i = embeddings[USER], embeddings[ITEM]
+        if all_pairs:
+            return self.score_matrix(u, i)
         if self.num_dense and dense is not None:
             u = torch.cat([u, dense], dim=1)
         return (self.user_tower(u) * self.item_tower(i)).sum(-1) + self.global_bias

@@ -1,0 +1,289 @@
+"""Retrieval on implicit feedback: training with sampled or in-batch negatives, and ranking
+metrics over the full catalogue.
+
+Every training row whose label is > 0 is a positive (a rating, a play, a click); rows with label
+0 are never positives. Two losses (`train.loss`):
+
+- `bpr` (Rendle et al., 2009): each positive (u, i) meets `train.negatives` items j drawn
+  uniformly from the catalogue, loss `-log sigmoid(s(u, i) - s(u, j))`. The negatives ride in the
+  same lookup as the positives (the batch is widened to B * (1 + negatives) rows), so CEL's
+  split windows see their gradients too.
+- `softmax`: sampled softmax with in-batch negatives (every other positive's item in the batch),
+  logQ-corrected by the items' training frequency (Yi et al., 2019); copies of the positive's own
+  item in the batch are masked.
+
+CEL's reassignment scores candidate clusters with a pointwise loss: the ranking losses are not a
+sum over single (user, item) samples. It uses the logistic loss of each positive (label 1) and
+of `train.negatives` uniform negatives per positive (label 0), the sampled-negative surrogate of
+the ranking objective, on the reassignment pass's batches (`reassign_batches`).
+
+Ranking metrics (`RankingEvaluator`): for every evaluated user, every item of the catalogue is
+scored (`score_matrix`: one matrix product per chunk of users), the user's training items are
+excluded, and the top 50 are compared with the user's positives in the split. recall@K is
+hits / min(K, positives) (the normalised recall of Liang et al., 2018, so that 1 is reachable),
+NDCG@K has binary gains; both are averaged over users with a positive. `_cold_users`: over users
+with fewer than `data.cold_threshold` training interactions; `_cold_items`: the same ranking,
+counting only cold items as relevant (over users with a cold-item positive).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.models import ITEM, USER
+
+RETRIEVAL_LOSSES = ("bpr", "softmax")
+RETRIEVAL_MODELS = ("mf", "gmf", "two_tower")
+KS = (10, 20, 50)
+
+
+def is_retrieval(loss: str) -> bool:
+    return loss in RETRIEVAL_LOSSES
+
+
+def check_retrieval_config(cfg, sparse_features) -> None:
+    """Clear errors for settings the retrieval losses cannot train."""
+    from trainer.config import ConfigError
+    t = cfg.train
+    if cfg.model.name not in RETRIEVAL_MODELS:
+        raise ConfigError(f"train.loss={t.loss} scores every item for a user (score_matrix): "
+                          f"model.name must be one of {', '.join(RETRIEVAL_MODELS)}, got "
+                          f"{cfg.model.name!r}")
+    if sparse_features:
+        raise ConfigError(f"train.loss={t.loss}: the dataset has extra sparse features "
+                          f"{list(sparse_features)}; retrieval trains on (user, item) only")
+    if t.negatives < 1:
+        raise ConfigError(f"train.negatives must be >= 1, got {t.negatives}")
+
+
+def _pair_kjt(users: torch.Tensor, items: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT of one user and one item id per sample, its layout handed on (no host read)."""
+    n = users.numel()
+    return KeyedJaggedTensor(keys=[USER, ITEM], values=torch.cat([users, items]),
+                             lengths=torch.ones(2 * n, dtype=torch.int32, device=users.device),
+                             stride=n, length_per_key=[n, n], offset_per_key=[0, n, 2 * n])
+
+
+def _split_pairs(kjt: KeyedJaggedTensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values = kjt.values()          # [users (B), items (B)]: one id per sample per key
+    return values[:size], values[size:2 * size]
+
+
+class NegativeSampler:
+    """Uniform negatives over the item catalogue, from its own generator (reproducible)."""
+
+    def __init__(self, num_items: int, negatives: int, seed: int):
+        self.num_items = int(num_items)
+        self.negatives = int(negatives)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int, device) -> torch.Tensor:
+        return torch.randint(self.num_items, (n,), generator=self.generator).to(device)
+
+    def widen(self, kjt, dense, label):
+        """(kjt, dense, label) of B positives -> B * (1 + negatives) rows: the positives, then
+        `negatives` blocks of (the same users, uniform items) with label 0."""
+        size = label.numel()
+        users, items = _split_pairs(kjt, size)
+        neg = self.draw(size * self.negatives, users.device)
+        out_users = users.repeat(1 + self.negatives)
+        wide = _pair_kjt(out_users, torch.cat([items, neg]))
+        dense = None if dense is None else dense.repeat(1 + self.negatives, 1)
+        return wide, dense, torch.cat([label, torch.zeros_like(neg, dtype=label.dtype)])
+
+
+class RetrievalObjective:
+    """The training batches and losses of `train.loss: bpr | softmax`."""
+
+    def __init__(self, loss: str, num_items: int, negatives: int, item_counts: torch.Tensor,
+                 seed: int):
+        if loss not in RETRIEVAL_LOSSES:
+            raise ValueError(f"retrieval loss must be one of {RETRIEVAL_LOSSES}, got {loss!r}")
+        self.loss = loss
+        self.sampler = NegativeSampler(num_items, negatives, seed)
+        # reassignment's surrogate negatives come from a generator of their own, so a pass
+        # does not shift the training negatives
+        self.reassign_sampler = NegativeSampler(num_items, negatives, seed + 7919)
+        counts = item_counts.double().clamp_min(0) + 1.0           # +1: items never trained
+        self.log_q = torch.log(counts / counts.sum()).float()
+
+    def training_batch(self, kjt, dense, label):
+        if self.loss == "bpr":
+            return self.sampler.widen(kjt, dense, label)
+        return kjt, dense, label
+
+    def losses(self, model, kjt, embs: dict, dense, label: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scalar loss to minimise, per-row losses of the looked-up batch `kjt` for the CEL
+        loss statistics). `model` is what the step calls (possibly DDP-wrapped)."""
+        if self.loss == "bpr":
+            return self._bpr(model, embs, dense, label)
+        return self._softmax(model, _split_pairs(kjt, label.numel())[1], embs, dense, label)
+
+    def _bpr(self, model, embs, dense, label):
+        n = self.sampler.negatives
+        size = label.numel() // (1 + n)
+        scores = model(embs, dense)
+        pos, neg = scores[:size], scores[size:].view(n, size)
+        pair = torch.nn.functional.softplus(neg - pos)             # -log sigmoid(pos - neg)
+        weight = (label[:size] > 0).float()                        # label-0 rows: no positive
+        loss = (pair * weight).sum() / (weight.sum() * n).clamp_min(1.0)
+        per_row = torch.cat([pair.mean(0), pair.reshape(-1)]) * weight.repeat(1 + n)
+        return loss, per_row.detach()
+
+    def _softmax(self, model, items, embs, dense, label):
+        size = label.numel()
+        logits = model(embs, dense, all_pairs=True)                # [B users, B items]
+        logits = logits - self.log_q.to(logits.device)[items].unsqueeze(0)
+        same = items.unsqueeze(0) == items.unsqueeze(1)
+        eye = torch.eye(size, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        target = torch.arange(size, device=logits.device)
+        per_row = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        weight = (label > 0).float()
+        loss = (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+        return loss, (per_row * weight).detach()
+
+    def pointwise(self, kjt, dense, label):
+        """One positives-only batch as the pointwise surrogate's samples: the positives
+        (label 1) and uniform negatives (label 0), from the reassignment's own generator."""
+        return self.reassign_sampler.widen(kjt, dense, (label > 0).to(label.dtype))
+
+    def reassign_batches(self, batches):
+        """The reassignment pass's batches, each widened with uniform negatives (label 0)."""
+        for kjt, dense, label, *rest in batches:
+            yield (*self.pointwise(kjt, dense, label), *rest)
+
+
+# ----------------------------------------------------------------------------- ranking metrics
+def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(users, kind="stable")
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(users, minlength=num_users), out=indptr[1:])
+    return indptr, items[order].astype(np.int64)
+
+
+def _rows_of(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(local row, column) of every stored entry of `users`' CSR rows, vectorised."""
+    lengths = indptr[users + 1] - indptr[users]
+    total = int(lengths.sum())
+    rows = np.repeat(np.arange(users.size), lengths)
+    first = np.repeat(indptr[users], lengths)
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, indices[first + within]
+
+
+def _read_pairs(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import pyarrow.dataset as ds
+    table = ds.dataset(str(path), format="parquet").to_table(columns=[USER, ITEM, "label"])
+    return (table.column(USER).to_numpy().astype(np.int64),
+            table.column(ITEM).to_numpy().astype(np.int64),
+            table.column("label").to_numpy())
+
+
+class RankingEvaluator:
+    """recall@K and NDCG@K (K = 10, 20, 50) over the full catalogue for a split's users,
+    training items excluded. `max_users` > 0 evaluates a fixed random sample of them."""
+
+    def __init__(self, data_dir: pathlib.Path, split: str, num_users: int, num_items: int,
+                 user_counts, item_counts, cold_threshold: int, max_users: int = 0,
+                 seed: int = 0, score_budget_bytes: int = 64 << 20):
+        self.num_users, self.num_items = int(num_users), int(num_items)
+        tu, ti, _ = _read_pairs(data_dir / "train")
+        self.train_indptr, self.train_items = _csr(tu, ti, self.num_users)
+        vu, vi, vl = _read_pairs(data_dir / split)
+        keep = vl > 0
+        self.target_indptr, self.target_items = _csr(vu[keep], vi[keep], self.num_users)
+        users = np.flatnonzero(np.diff(self.target_indptr) > 0)
+        if max_users and users.size > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+        self.users = users
+        uc = np.asarray(user_counts, dtype=np.int64)
+        ic = np.asarray(item_counts, dtype=np.int64)
+        self.cold_user = np.zeros(self.num_users, dtype=bool)
+        self.cold_user[:uc.size] = uc < cold_threshold
+        self.cold_user[uc.size:] = True
+        self.cold_item = np.ones(self.num_items, dtype=bool)
+        self.cold_item[:ic.size] = ic[:self.num_items] < cold_threshold
+        self.chunk_users = max(1, score_budget_bytes // (4 * max(self.num_items, 1)))
+
+    # embeddings of every item and of the evaluated users, from the (possibly sharded) lookup:
+    # every rank runs the same chunks, so a sharded collection's collectives stay matched
+    @staticmethod
+    def _lookup(emb, ids: np.ndarray, feature: str, device, chunk: int = 65536) -> torch.Tensor:
+        out = []
+        for start in range(0, max(ids.size, 1), chunk):
+            part = torch.from_numpy(ids[start:start + chunk]).to(device)
+            if part.numel() == 0:
+                break
+            other = torch.zeros_like(part)
+            kjt = (_pair_kjt(part, other) if feature == USER else _pair_kjt(other, part))
+            out.append(emb(kjt).to_dict()[feature].float())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def evaluate(self, emb, model, env, device) -> dict:
+        items = self._lookup(emb, np.arange(self.num_items, dtype=np.int64), ITEM, device)
+        user_rows = self._lookup(emb, self.users, USER, device)
+        mine = np.arange(env.rank, self.users.size, env.world_size)
+        sums = np.zeros(len(_METRIC_NAMES) * 2, dtype=np.float64)   # metric sums, then counts
+        for start in range(0, mine.size, self.chunk_users):
+            local = mine[start:start + self.chunk_users]
+            sums += self._chunk(model, user_rows[torch.from_numpy(local)], self.users[local], items)
+        if env.distributed:
+            from trainer.dist import all_reduce_
+            t = torch.from_numpy(sums)
+            all_reduce_(t, env)
+            sums = t.numpy()
+        n = len(_METRIC_NAMES)
+        out = {name: (float(sums[j] / sums[n + j]) if sums[n + j] else float("nan"))
+               for j, name in enumerate(_METRIC_NAMES)}
+        out["count_ranking_users"] = int(sums[n + _METRIC_NAMES.index("recall_at_10")])
+        out["count_ranking_users_cold_items"] = int(sums[n + _METRIC_NAMES.index("recall_at_10_cold_items")])
+        out["count_ranking_users_cold_users"] = int(sums[n + _METRIC_NAMES.index("recall_at_10_cold_users")])
+        return out
+
+    def _chunk(self, model, user_emb: torch.Tensor, users: np.ndarray, items: torch.Tensor
+               ) -> np.ndarray:
+        scores = model.score_matrix(user_emb, items).float().cpu()
+        rows, cols = _rows_of(self.train_indptr, self.train_items, users)
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
+        kmax = min(max(KS), self.num_items)
+        top = torch.topk(scores, kmax, dim=1).indices.numpy()              # [U, kmax]
+        trows, tcols = _rows_of(self.target_indptr, self.target_items, users)
+        keys = trows * self.num_items + tcols
+        hit = np.isin(np.arange(users.size)[:, None] * self.num_items + top, keys)
+        cold_hit = hit & self.cold_item[top]
+        npos = np.bincount(trows, minlength=users.size)
+        npos_cold = np.bincount(trows, weights=self.cold_item[tcols], minlength=users.size)
+        cold_u = self.cold_user[users]
+        disc = 1.0 / np.log2(np.arange(2, kmax + 2))
+        idcg = np.concatenate([[0.0], np.cumsum(disc)])
+        vals = []
+        for k in KS:
+            kk = min(k, kmax)
+            for h, n_rel, mask in ((hit, npos, npos > 0), (cold_hit, npos_cold, npos_cold > 0)):
+                denom = np.minimum(kk, n_rel).astype(np.int64)
+                safe = np.maximum(denom, 1)
+                recall = h[:, :kk].sum(1) / safe
+                ndcg = (h[:, :kk] * disc[:kk]).sum(1) / np.maximum(idcg[safe], 1e-12)
+                vals.append((recall, ndcg, mask))
+        sums, counts = [], []
+        for j, name in enumerate(_METRIC_NAMES):
+            k_index, kind, slice_ = _METRIC_SPECS[j]
+            recall, ndcg, mask = vals[2 * k_index + (1 if slice_ == "cold_items" else 0)]
+            m = mask & cold_u if slice_ == "cold_users" else mask
+            v = recall if kind == "recall" else ndcg
+            sums.append(float(v[m].sum()))
+            counts.append(float(m.sum()))
+        return np.array(sums + counts)
+
+
+_METRIC_SPECS = [(ki, kind, slice_) for ki, _ in enumerate(KS) for slice_ in ("all", "cold_users", "cold_items")
+                 for kind in ("recall", "ndcg")]
+_METRIC_NAMES = [f"{kind}_at_{KS[ki]}" + ("" if slice_ == "all" else f"_{slice_}")
+                 for ki, kind, slice_ in _METRIC_SPECS]
