@@ -159,11 +159,14 @@ class RetrievalObjective:
 
 
 # ----------------------------------------------------------------------------- ranking metrics
-def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(users, kind="stable")
+def _csr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (user, item) pairs as CSR rows by user (a repeated interaction counts once)."""
+    pairs = np.unique(users.astype(np.int64) * num_items + items)
+    users, items = pairs // num_items, pairs % num_items
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(users, minlength=num_users), out=indptr[1:])
-    return indptr, items[order].astype(np.int64)
+    return indptr, items
 
 
 def _rows_of(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray
@@ -194,10 +197,11 @@ class RankingEvaluator:
                  seed: int = 0, score_budget_bytes: int = 64 << 20):
         self.num_users, self.num_items = int(num_users), int(num_items)
         tu, ti, _ = _read_pairs(data_dir / "train")
-        self.train_indptr, self.train_items = _csr(tu, ti, self.num_users)
+        self.train_indptr, self.train_items = _csr(tu, ti, self.num_users, self.num_items)
         vu, vi, vl = _read_pairs(data_dir / split)
         keep = vl > 0
-        self.target_indptr, self.target_items = _csr(vu[keep], vi[keep], self.num_users)
+        self.target_indptr, self.target_items = _csr(vu[keep], vi[keep], self.num_users,
+                                                     self.num_items)
         users = np.flatnonzero(np.diff(self.target_indptr) > 0)
         if max_users and users.size > max_users:
             users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
