@@ -27,8 +27,9 @@ from trainer.logs import attach_run_log, detach_run_log
 from trainer.metrics import MetricAccumulator, cluster_size_histogram
 from trainer.models import CTR_MODELS, build_model
 from trainer.planted import planted_metrics, setup_planted
-from trainer.retrieval import (RankingEvaluator, RetrievalObjective, check_retrieval_config,
-                               is_retrieval)
+from trainer.progress import progress
+from trainer.retrieval import (CalibratedScores, RankingEvaluator, RetrievalObjective,
+                               check_retrieval_config, is_retrieval)
 from trainer.sources import BatchSource, local_source, padded, synchronised
 from trainer.tables import choose_table_update
 from trainer.tracking import build_loggers
@@ -219,7 +220,9 @@ class TrainRecipe:
             self.emb.train(), self.model.train()
             # the losses stay on the device: read on the host only when logged (no sync a step)
             epoch_loss, epoch_batches = torch.zeros(()), 0
-            for kjt, dense, label in synchronised(self.train_source.epoch(self.epoch), self.env):
+            batches = synchronised(self.train_source.epoch(self.epoch), self.env)
+            for kjt, dense, label in self._bar(batches, f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                                               self._epoch_steps()):
                 loss = self._train_step(kjt, dense, label)
                 epoch_loss = epoch_loss.to(loss.device) + loss
                 epoch_batches += 1
@@ -281,6 +284,11 @@ class TrainRecipe:
         global_batch = self.cfg.data.batch_size * self.env.world_size
         return max(1, -(-self.meta.splits.get("train", 0) // global_batch))
 
+    def _bar(self, iterable, desc: str, total: int | None = None):
+        """`iterable` with a progress bar on rank 0 (`tracking.progress`; see trainer.progress)."""
+        return progress(iterable, desc=desc, total=total, enabled=self.cfg.tracking.progress,
+                        rank=self.env.rank)
+
     def _reassign_period(self) -> int:
         """`cel.reassign_period`, or with `cel.reassign_per_epoch` the steps between
         reassignments that give that many per epoch (so a config keeps its phase cost per epoch
@@ -328,6 +336,11 @@ class TrainRecipe:
         self.state_bytes_peak = max(self.state_bytes_peak, self.embedding_state_bytes())
         if REASSIGN in actions and self.recent is not None:
             recent = list(padded(iter(self.recent), self.env))     # equal batch counts on every rank
+            if self.retrieval is not None:   # the users' log-normalisers, as of now
+                items = (self.retrieval.normaliser_items(self.emb, self.env.device)
+                         if self.cfg.train.loss == "softmax" else None)
+                recent = list(self.retrieval.with_offsets(recent, self.emb,
+                                                          self.interaction_model, items))
         # exact: each table split then reassigned in turn; Lite: every split, then one shared
         # pass proposes every table's moves
         lite = self.reassign_mode == "lite"
@@ -340,8 +353,8 @@ class TrainRecipe:
                                              reopen=lambda tb=table: self._open_split_window(tb)))
             if REASSIGN in actions:
                 reports += [rep for _, rep in run_reassignments(
-                    self.cel, self.interaction_model,
-                    self._reassign_batches(), group,
+                    self.cel, self.phase_model,
+                    self._reassign_batches(group), group,
                     loss=self.phase_loss, env=self.env,
                     keep_prob=self.cfg.cel.reassign_keep_prob, generator=self.generator,
                     optimizer=self.optimizer, mode=self.reassign_mode, recent=recent,
@@ -361,18 +374,28 @@ class TrainRecipe:
             self._phase_totals[key] = self._phase_totals.get(key, 0.0) + rep.seconds
 
     @property
+    def phase_model(self) -> torch.nn.Module:
+        """What the reassignment scores: the interaction model, or for the ranking losses its
+        calibrated logit (trainer.retrieval.CalibratedScores)."""
+        if self.retrieval is None:
+            return self.interaction_model
+        return CalibratedScores(self.interaction_model)
+
+    @property
     def phase_loss(self) -> str:
         """The per-sample loss the cluster phases score: the training loss, or for the ranking
         losses their pointwise surrogate (logistic loss over sampled negatives)."""
         return "bce" if self.retrieval is not None else self.cfg.train.loss
 
-    def _reassign_batches(self):
+    def _reassign_batches(self, tables=()):
         """A callable giving the reassignment pass's batches (each rank's training share;
-        retrieval: widened with sampled negatives)."""
+        retrieval: widened with sampled negatives), with a progress bar."""
+        desc = " ".join(["reassign", *tables])
         if self.retrieval is None:
-            return lambda: padded(self.reassign_source.epoch(0), self.env)
+            return lambda: self._bar(padded(self.reassign_source.epoch(0), self.env), desc)
         return lambda: self.retrieval.reassign_batches(
-            padded(self.reassign_source.epoch(0), self.env))
+            self._bar(padded(self.reassign_source.epoch(0), self.env), desc), self.emb,
+            self.interaction_model, self.env.device)
 
     def _ranking_evaluator(self, split: str) -> RankingEvaluator:
         return RankingEvaluator(self.data_dir, split, self.meta.num_users, self.meta.num_items,
@@ -437,7 +460,7 @@ class TrainRecipe:
                                 item_train_counts=self.item_counts,
                                 cold_threshold=self.cfg.data.cold_threshold)
         source = self.val_source if split == "val" else self._source(split, self.cfg.data.eval_batch_size, False)
-        for kjt, dense, label, valid in padded(source.epoch(0), self.env):
+        for kjt, dense, label, valid in self._bar(padded(source.epoch(0), self.env), f"eval {split}"):
             pred = self.interaction_model(self.emb(kjt).to_dict(), dense)
             if valid:
                 acc.update(pred.cpu(), label.cpu(), kjt["user_id"].values().cpu(),

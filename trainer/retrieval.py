@@ -12,10 +12,22 @@ Every training row whose label is > 0 is a positive (a rating, a play, a click);
   logQ-corrected by the items' training frequency (Yi et al., 2019); copies of the positive's own
   item in the batch are masked.
 
-CEL's reassignment scores candidate clusters with a pointwise loss: the ranking losses are not a
-sum over single (user, item) samples. It uses the logistic loss of each positive (label 1) and
-of `train.negatives` uniform negatives per positive (label 0), the sampled-negative surrogate of
-the ranking objective, on the reassignment pass's batches (`reassign_batches`).
+CEL's reassignment scores candidate clusters with a per-sample loss, the library's logistic
+loss on `s(u, i) - offset` (`CalibratedScores`; the offset rides in the dense column), over each
+positive (label 1) and one uniform noise item per positive (label 0):
+
+- `bpr`: the offset of a positive is its noise item's current score and that of a noise item is
+  its positive's, so each sample's loss is exactly its BPR pair's term with the other item held
+  at its current row.
+- `softmax`: noise-contrastive estimation's classifier (Gutmann & Hyvarinen, 2010) with uniform
+  noise: offset `log mean_j exp s(u, j)`, so the logit is the log-odds of "a positive rather
+  than a random item" under the model's softmax over the catalogue. The mean runs over every
+  item when the catalogue has at most `NORMALISER_ITEMS`, else over a uniform sample of that
+  many per pass (one `[batch, NORMALISER_ITEMS]` product a batch).
+
+Both ranking losses are invariant to a per-user shift of the scores; a logistic loss on the raw
+scores reads that arbitrary shift, and on ML-100K its exact reassignment collapsed 1,085 of
+1,682 items into one cluster.
 
 Ranking metrics (`RankingEvaluator`): for every evaluated user, every item of the catalogue is
 scored (`score_matrix`: one matrix product per chunk of users), the user's training items are
@@ -27,6 +39,7 @@ counting only cold items as relevant (over users with a cold-item positive).
 """
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -38,6 +51,7 @@ from trainer.models import ITEM, USER
 RETRIEVAL_LOSSES = ("bpr", "softmax")
 RETRIEVAL_MODELS = ("mf", "gmf", "two_tower")
 KS = (10, 20, 50)
+NORMALISER_ITEMS = 4096
 
 
 def is_retrieval(loss: str) -> bool:
@@ -73,15 +87,27 @@ def _split_pairs(kjt: KeyedJaggedTensor, size: int) -> tuple[torch.Tensor, torch
 
 
 class NegativeSampler:
-    """Uniform negatives over the item catalogue, from its own generator (reproducible)."""
+    """Negatives over the item catalogue, from its own generator (reproducible): uniform, or
+    with `counts` in proportion to them (the items of random training interactions), by binary
+    search in their cumulative sum (O(log items) a draw)."""
 
-    def __init__(self, num_items: int, negatives: int, seed: int):
+    def __init__(self, num_items: int, negatives: int, seed: int,
+                 counts: torch.Tensor | None = None):
         self.num_items = int(num_items)
         self.negatives = int(negatives)
         self.generator = torch.Generator().manual_seed(seed)
+        self.cdf = None
+        if counts is not None:
+            c = counts.double().clamp_min(0)[:self.num_items].cumsum(0)
+            if c.numel() and float(c[-1]) > 0:
+                self.cdf = c / c[-1]
 
     def draw(self, n: int, device) -> torch.Tensor:
-        return torch.randint(self.num_items, (n,), generator=self.generator).to(device)
+        if self.cdf is None:
+            return torch.randint(self.num_items, (n,), generator=self.generator).to(device)
+        u = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        idx = torch.searchsorted(self.cdf, u, right=True).clamp_max(self.num_items - 1)
+        return idx.to(device)
 
     def widen(self, kjt, dense, label):
         """(kjt, dense, label) of B positives -> B * (1 + negatives) rows: the positives, then
@@ -104,9 +130,10 @@ class RetrievalObjective:
             raise ValueError(f"retrieval loss must be one of {RETRIEVAL_LOSSES}, got {loss!r}")
         self.loss = loss
         self.sampler = NegativeSampler(num_items, negatives, seed)
-        # reassignment's surrogate negatives come from a generator of their own, so a pass
-        # does not shift the training negatives
-        self.reassign_sampler = NegativeSampler(num_items, negatives, seed + 7919)
+        # reassignment's noise items come from a generator of their own, so a pass does not
+        # shift the training negatives: one uniform item per positive (NCE with k = 1)
+        self.reassign_sampler = NegativeSampler(num_items, 1, seed + 7919)
+        self.normaliser_sampler = NegativeSampler(num_items, 1, seed + 7920)
         counts = item_counts.double().clamp_min(0) + 1.0           # +1: items never trained
         self.log_q = torch.log(counts / counts.sum()).float()
 
@@ -148,14 +175,73 @@ class RetrievalObjective:
         return loss, (per_row * weight).detach()
 
     def pointwise(self, kjt, dense, label):
-        """One positives-only batch as the pointwise surrogate's samples: the positives
-        (label 1) and uniform negatives (label 0), from the reassignment's own generator."""
+        """One batch as the surrogate's samples: its positives (label 1) and one uniform noise
+        item per positive (label 0), from the reassignment's own generator."""
         return self.reassign_sampler.widen(kjt, dense, (label > 0).to(label.dtype))
 
-    def reassign_batches(self, batches):
-        """The reassignment pass's batches, each widened with uniform negatives (label 0)."""
-        for kjt, dense, label, *rest in batches:
-            yield (*self.pointwise(kjt, dense, label), *rest)
+    def normaliser_items(self, emb, device) -> torch.Tensor:
+        """The item rows the calibration averages over: every item, or a uniform sample.
+        A lookup through `emb` (collective when sharded: every rank calls it)."""
+        n = self.sampler.num_items
+        ids = (torch.arange(n) if n <= NORMALISER_ITEMS
+               else self.normaliser_sampler.draw(NORMALISER_ITEMS, "cpu"))
+        with torch.no_grad():
+            return lookup_rows(emb, ids.numpy(), ITEM, device)
+
+    def with_offsets(self, batches, emb, model, items: torch.Tensor | None):
+        """Each widened (kjt, dense, label, ...) with `dense` = the offset column that
+        `CalibratedScores` subtracts (see the module docstring): bpr, the pair partner's current
+        score; softmax, the user's `log mean_j exp s(u, j)` over `items`."""
+        for kjt, _dense, label, *rest in batches:
+            with torch.no_grad():
+                embs = emb(kjt).to_dict()
+                if self.loss == "bpr":
+                    score = model(embs, None).float()
+                    half = score.numel() // 2      # positives, then their noise items
+                    offset = torch.cat([score[half:], score[:half]])
+                else:
+                    scores = model.score_matrix(embs[USER], items.to(embs[USER].device))
+                    offset = torch.logsumexp(scores.float(), dim=1) - math.log(items.shape[0])
+            yield (kjt, offset.unsqueeze(1), label, *rest)
+
+    def reassign_batches(self, batches, emb, model, device):
+        """The reassignment pass's batches: positives and noise items, with their offsets in
+        the dense column (softmax: the normaliser's items looked up first)."""
+        items = self.normaliser_items(emb, device) if self.loss == "softmax" else None
+        widened = ((*self.pointwise(kjt, dense, label), *rest)
+                   for kjt, dense, label, *rest in batches)
+        yield from self.with_offsets(widened, emb, model, items)
+
+
+class CalibratedScores(torch.nn.Module):
+    """The reassignment's logit: the interaction model's score minus the per-row offset that
+    `RetrievalObjective.with_offsets` puts in the dense column; keeps the model's linear form
+    (exact closed-form reassignment) where it has one."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        if hasattr(model, "linear_form"):
+            self.linear_form = self._linear_form
+
+    def forward(self, embeddings: dict, dense: torch.Tensor) -> torch.Tensor:
+        return self.model(embeddings, None) - dense[:, 0]
+
+    def _linear_form(self, embeddings: dict, dense: torch.Tensor, feature: str):
+        x, const = self.model.linear_form(embeddings, None, feature)
+        return x, const - dense[:, 0]
+
+
+def lookup_rows(emb, ids: np.ndarray, feature: str, device, chunk: int = 65536) -> torch.Tensor:
+    """`feature`'s embedding rows of `ids` through the (possibly sharded) collection, in
+    chunks; every rank must call it with the same number of chunks."""
+    out = []
+    for start in range(0, ids.size, chunk):
+        part = torch.from_numpy(np.ascontiguousarray(ids[start:start + chunk])).to(device)
+        other = torch.zeros_like(part)
+        kjt = _pair_kjt(part, other) if feature == USER else _pair_kjt(other, part)
+        out.append(emb(kjt).to_dict()[feature].float())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------- ranking metrics
@@ -215,24 +301,12 @@ class RankingEvaluator:
         self.cold_item[:ic.size] = ic[:self.num_items] < cold_threshold
         self.chunk_users = max(1, score_budget_bytes // (4 * max(self.num_items, 1)))
 
-    # embeddings of every item and of the evaluated users, from the (possibly sharded) lookup:
-    # every rank runs the same chunks, so a sharded collection's collectives stay matched
-    @staticmethod
-    def _lookup(emb, ids: np.ndarray, feature: str, device, chunk: int = 65536) -> torch.Tensor:
-        out = []
-        for start in range(0, max(ids.size, 1), chunk):
-            part = torch.from_numpy(ids[start:start + chunk]).to(device)
-            if part.numel() == 0:
-                break
-            other = torch.zeros_like(part)
-            kjt = (_pair_kjt(part, other) if feature == USER else _pair_kjt(other, part))
-            out.append(emb(kjt).to_dict()[feature].float())
-        return torch.cat(out) if out else torch.zeros(0)
-
     @torch.no_grad()
     def evaluate(self, emb, model, env, device) -> dict:
-        items = self._lookup(emb, np.arange(self.num_items, dtype=np.int64), ITEM, device)
-        user_rows = self._lookup(emb, self.users, USER, device)
+        # every rank looks up every item and every evaluated user (same chunks on every rank:
+        # a sharded collection's collectives stay matched), then scores its share of the users
+        items = lookup_rows(emb, np.arange(self.num_items, dtype=np.int64), ITEM, device)
+        user_rows = lookup_rows(emb, self.users, USER, device)
         mine = np.arange(env.rank, self.users.size, env.world_size)
         sums = np.zeros(len(_METRIC_NAMES) * 2, dtype=np.float64)   # metric sums, then counts
         for start in range(0, mine.size, self.chunk_users):
