@@ -23,7 +23,8 @@ positive (label 1) and one uniform noise item per positive (label 0):
   noise: offset `log mean_j exp s(u, j)`, so the logit is the log-odds of "a positive rather
   than a random item" under the model's softmax over the catalogue. The mean runs over every
   item when the catalogue has at most `NORMALISER_ITEMS`, else over a uniform sample of that
-  many per pass (one `[batch, NORMALISER_ITEMS]` product a batch).
+  many per pass; computed once per pass for every user (one `[users, NORMALISER_ITEMS]`
+  product, in chunks).
 
 Both ranking losses are invariant to a per-user shift of the scores; a logistic loss on the raw
 scores reads that arbitrary shift, and on ML-100K its exact reassignment collapsed 1,085 of
@@ -188,29 +189,48 @@ class RetrievalObjective:
         with torch.no_grad():
             return lookup_rows(emb, ids.numpy(), ITEM, device)
 
-    def with_offsets(self, batches, emb, model, items: torch.Tensor | None):
+    def user_log_normalisers(self, emb, model, num_users: int, device,
+                             chunk: int = 4096) -> torch.Tensor:
+        """softmax: every user's `log mean_j exp s(u, j)` over the normaliser's items, as of
+        now: one `[users, NORMALISER_ITEMS]` product in chunks a pass (float32 per user)."""
+        items = self.normaliser_items(emb, device)
+        out = []
+        with torch.no_grad():
+            for start in range(0, num_users, chunk):
+                ids = np.arange(start, min(num_users, start + chunk), dtype=np.int64)
+                users = lookup_rows(emb, ids, USER, device)
+                scores = model.score_matrix(users, items.to(users.device)).float()
+                out.append(torch.logsumexp(scores, dim=1) - math.log(items.shape[0]))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def with_offsets(self, batches, emb, model, user_offsets: torch.Tensor | None):
         """Each widened (kjt, dense, label, ...) with `dense` = the offset column that
         `CalibratedScores` subtracts (see the module docstring): bpr, the pair partner's current
-        score; softmax, the user's `log mean_j exp s(u, j)` over `items`."""
+        score; softmax, the user's log-normaliser from `user_offsets`."""
         for kjt, _dense, label, *rest in batches:
             with torch.no_grad():
-                embs = emb(kjt).to_dict()
                 if self.loss == "bpr":
-                    score = model(embs, None).float()
+                    score = model(emb(kjt).to_dict(), None).float()
                     half = score.numel() // 2      # positives, then their noise items
                     offset = torch.cat([score[half:], score[:half]])
                 else:
-                    scores = model.score_matrix(embs[USER], items.to(embs[USER].device))
-                    offset = torch.logsumexp(scores.float(), dim=1) - math.log(items.shape[0])
+                    users = _split_pairs(kjt, label.numel())[0]
+                    offset = user_offsets.to(users.device)[users]
             yield (kjt, offset.unsqueeze(1), label, *rest)
 
-    def reassign_batches(self, batches, emb, model, device):
+    def phase_offsets(self, emb, model, num_users: int, device) -> torch.Tensor | None:
+        """What `with_offsets` needs for this pass (collective when sharded)."""
+        if self.loss == "softmax":
+            return self.user_log_normalisers(emb, model, num_users, device)
+        return None
+
+    def reassign_batches(self, batches, emb, model, num_users: int, device):
         """The reassignment pass's batches: positives and noise items, with their offsets in
-        the dense column (softmax: the normaliser's items looked up first)."""
-        items = self.normaliser_items(emb, device) if self.loss == "softmax" else None
+        the dense column (softmax: the users' log-normalisers computed first)."""
+        offsets = self.phase_offsets(emb, model, num_users, device)
         widened = ((*self.pointwise(kjt, dense, label), *rest)
                    for kjt, dense, label, *rest in batches)
-        yield from self.with_offsets(widened, emb, model, items)
+        yield from self.with_offsets(widened, emb, model, offsets)
 
 
 class CalibratedScores(torch.nn.Module):
