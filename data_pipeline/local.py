@@ -45,7 +45,8 @@ class ParquetBatchReader:
     def __init__(self, path: str | os.PathLike, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, columns: Sequence[str] | None = None,
-                 shuffle_buffer_rows: int = 1 << 18, validate: bool = True):
+                 shuffle_buffer_rows: int = 1 << 18, validate: bool = True,
+                 equal_shares: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -56,6 +57,10 @@ class ParquetBatchReader:
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.shuffle_buffer_rows = int(shuffle_buffer_rows)
         self.validate = validate
+        # every rank the same number of rows (num_rows // world_size; the last < world_size rows
+        # of the epoch's order are left out), so ranks' batches have equal sizes: a sharded
+        # table's backward collectives (gloo all-gather) need them equal
+        self.equal_shares = bool(equal_shares)
         self.epoch = 0
         self.files = split_files(self.path)
         self._parquet = [open_parquet(f) for f in self.files]
@@ -81,8 +86,15 @@ class ParquetBatchReader:
         self.num_rows = int(self._units[:, 3].sum()) if len(units) else 0
 
     # -------------------------------------------------------------- sizes, no communication
+    def _bounds(self, rank: int) -> tuple[int, int]:
+        if self.equal_shares:
+            share = self.num_rows // self.world_size
+            return rank * share, (rank + 1) * share
+        return rank * self.num_rows // self.world_size, (rank + 1) * self.num_rows // self.world_size
+
     def rows_for_rank(self, rank: int) -> int:
-        return (rank + 1) * self.num_rows // self.world_size - rank * self.num_rows // self.world_size
+        lo, hi = self._bounds(rank)
+        return hi - lo
 
     def num_batches_for_rank(self, rank: int) -> int:
         """Batches `rank` yields per epoch (the same on every rank and every epoch)."""
@@ -108,8 +120,7 @@ class ParquetBatchReader:
         sizes = self._units[order, 3]
         ends = np.cumsum(sizes)
         starts = ends - sizes
-        lo = rank * self.num_rows // self.world_size
-        hi = (rank + 1) * self.num_rows // self.world_size
+        lo, hi = self._bounds(rank)
         segments = []
         for k in np.flatnonzero((ends > lo) & (starts < hi)):
             a, b = max(lo, starts[k]) - starts[k], min(hi, ends[k]) - starts[k]

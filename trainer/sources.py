@@ -28,10 +28,13 @@ class BatchSource:
 
 
 def local_source(path: pathlib.Path, batch_size: int, env: DistEnv, shuffle: bool,
-                 seed: int) -> BatchSource:
+                 seed: int, equal_shares: bool = False) -> BatchSource:
+    """`equal_shares`: every rank reads the same number of rows (the training split: equal
+    batch sizes on every rank, which a sharded table's backward needs)."""
     from data_pipeline.local import ParquetBatchReader
     reader = ParquetBatchReader(str(path), batch_size=batch_size, rank=env.rank,
-                                world_size=env.world_size, shuffle=shuffle, seed=seed)
+                                world_size=env.world_size, shuffle=shuffle, seed=seed,
+                                equal_shares=equal_shares)
 
     def make(epoch: int):
         reader.set_epoch(epoch)

@@ -56,6 +56,26 @@ def test_every_row_exactly_once_per_epoch(tmp_path_factory, sizes, row_group, wo
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
 
 
+@pytest.mark.parametrize("world, sizes", [(2, [37]), (3, [10, 21, 4]), (2, [5, 0, 8])])
+def test_equal_shares_give_every_rank_the_same_batch_sizes(tmp_path, world, sizes):
+    """equal_shares (the trainer's training split): every rank the same rows and batch sizes,
+    each row at most once, fewer than world_size rows of the epoch left out."""
+    total = write_split(tmp_path, sizes, row_group_rows=6)
+    for epoch in range(3):
+        per_rank, sizes_of = [], []
+        for rank in range(world):
+            reader = ParquetBatchReader(tmp_path, batch_size=4, rank=rank, world_size=world,
+                                        seed=1, equal_shares=True)
+            reader.set_epoch(epoch)
+            batches = list(reader)
+            assert len(batches) == len(reader)
+            sizes_of.append([len(b["timestamp"]) for b in batches])
+            per_rank.append(np.concatenate([b["timestamp"] for b in batches]))
+        assert all(s == sizes_of[0] for s in sizes_of), sizes_of
+        rows = np.concatenate(per_rank)
+        assert len(np.unique(rows)) == rows.size == total - total % world
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_exactly_once_fewer_row_groups_than_ranks(tmp_path, world, seed):
