@@ -286,7 +286,9 @@ def write_dataset(out_tmp: pathlib.Path, columns: Mapping[str, np.ndarray],
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "rows"):
-    """A tqdm bar on stderr that appears only once the work has run for PROGRESS_DELAY_S."""
+    """A tqdm bar on stderr that appears only once the work has run for PROGRESS_DELAY_S, and
+    only in the main process of a distributed launch ($RANK unset or 0)."""
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                mininterval=1.0, delay=PROGRESS_DELAY_S, leave=False, dynamic_ncols=True)
+                mininterval=1.0, delay=PROGRESS_DELAY_S, leave=False, dynamic_ncols=True,
+                disable=os.environ.get("RANK", "0") not in ("", "0"))

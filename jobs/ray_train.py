@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import logging
 import math
 import os
 import pathlib
@@ -35,6 +36,18 @@ DEFAULT_WORKER = "trainer.worker:ray_worker_entry"
 # Ray Train's print patch re-logs every print of a worker whose stdout Ray has wrapped, so each
 # line reached the console twice; off, a print is a print (trainer.logs keeps the console quiet)
 QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Lines Ray's own processes print for reasons of Ray's own, dropped from the driver's console
+# unless --verbose (RAY_DEDUP_LOGS_SKIP_REGEX, read when `ray` is imported; the Ray session's
+# log files under /tmp/ray/session_*/logs keep them)
+QUIET_RAY_SKIP = (
+    r"has constructor arguments in the object store and max_restarts",  # Ray Train's PreemptionWatcher
+    r"Progress bars disabled\. To enable",          # ray.data_progress_bars=false (ours draw instead)
+    r"Dataset \S+ execution finished in",            # each worker's shard read, every epoch
+    r"ExecutionOptions\.exclude_resources|self\.exclude_resources = exclude_resources",  # Ray Train's
+)                                                   # DatasetManager on a deprecated Ray Data option
+# a local Ray started here runs without the dashboard, so the State API that Ray Train's
+# placement-group cleaner polls every few seconds is never there: its warning says only that
+QUIET_LOCAL_RAY_SKIP = (r"Failed to query Ray Train Controller actor state",)
 RAY_RUN_NAME = "ray_train"          # Ray's own files: RUN_DIR/ray_train/checkpoint_*, state
 WorkerFn = Callable[[dict, "RayWorkerContext"], Any]
 
@@ -198,9 +211,9 @@ def _worker_loop(worker_fn: WorkerFn | str, dataset_rows: dict[str, int], config
 
 
 # ----------------------------------------------------------------------------- driver side
-def _progress_callback():
-    """Prints each report on the driver (the callback runs in Ray's controller actor, whose
-    stdout Ray forwards to the driver)."""
+def _progress_callback(report_lines: bool = True):
+    """Prints each report (with `report_lines`) and worker failures on the driver (the callback
+    runs in Ray's controller actor, whose stdout Ray forwards to the driver)."""
     import ray.train
 
     class ProgressCallback(ray.train.UserCallback):
@@ -210,6 +223,8 @@ def _progress_callback():
 
         def after_report(self, run_context, metrics, checkpoint):
             self.reports += 1
+            if not report_lines:
+                return
             main = metrics[0] if metrics else {}
             shown = "  ".join(f"{k}={_fmt(v)}" for k, v in main.items() if _scalar(v))
             saved = f"  checkpoint={os.path.basename(checkpoint.path)}" if checkpoint else ""
@@ -309,6 +324,8 @@ def init_ray(config: Mapping) -> bool:
         os.environ.setdefault(key, value)
     address = get(config, "ray.address") or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+    if not get(config, "tracking.verbose", False):     # "Started a local Ray instance." etc.
+        kwargs["logging_level"] = logging.WARNING
     if address == "local":
         kwargs.update(include_dashboard=False, num_cpus=get(config, "ray.num_cpus"))
     ray.init(**kwargs)
@@ -318,7 +335,7 @@ def init_ray(config: Mapping) -> bool:
 def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *,
                      datasets: dict[str, ray.data.Dataset] | None = None,
                      storage_path: str | None = None, name: str | None = None,
-                     progress: bool = True) -> ray.train.Result:
+                     progress: bool = True, report_lines: bool = True) -> ray.train.Result:
     """Train with `ray.num_workers` TorchTrainer workers each running `worker_fn(config, ctx)`.
 
     `datasets` default: the splits in `ray.datasets` (default ["train"]) read from the prepared
@@ -327,7 +344,9 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
     RUN_DIR = run.dir/run.name, and "ray_train"; on several nodes it must be shared: NFS, s3://); with `run.resume` false a previous run's Ray state there is
     cleared first (Ray would otherwise resume from it). Worker failures restart the whole group
     up to `ray.max_failures` times from the last checkpoint. Raises ray.train.TrainingFailedError
-    when the run fails for good."""
+    when the run fails for good. `progress`: print worker failures on the driver, and with
+    `report_lines` each report too. Without `tracking.verbose`, Ray Train's and Ray Data's own
+    logging below WARNING / ERROR stays in the Ray session's log files."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -336,6 +355,9 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
 
     config = _absolute_paths(config)
     started_ray = init_ray(config)
+    verbose = bool(get(config, "tracking.verbose", False))
+    if not verbose:
+        _quiet_ray_data_console()
     try:
         ray.data.DataContext.get_current().enable_progress_bars = bool(
             get(config, "ray.data_progress_bars", False))
@@ -382,7 +404,8 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
                     max_failures=int(get(config, "ray.max_failures", 0))),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=get(config, "ray.checkpoints_to_keep", 2)),
-                callbacks=[_progress_callback()] if progress else None),
+                callbacks=[_progress_callback(report_lines)] if progress else None,
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
             datasets=datasets or None,
             dataset_config=ShardMaterializedDataConfig(datasets_to_split="all").presplit(
                 datasets or {}, num_workers),
@@ -394,6 +417,32 @@ def run_ray_training(config: dict, worker_fn: WorkerFn | str = DEFAULT_WORKER, *
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's console handler on the driver: its records below ERROR go only to its file in
+    the Ray session (the policy of trainer.logs for the workers' third-party logging)."""
+    import ray.data  # noqa: F401 - installs Ray Data's logging configuration
+
+    from trainer.logs import QuietThirdParty
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, QuietThirdParty) for f in handler.filters):
+            handler.addFilter(QuietThirdParty())
+
+
+def quiet_ray_env(config: Mapping, verbose: bool = False) -> dict[str, str]:
+    """Environment for a quiet console from a driver that has not imported `ray` yet: the skip
+    regex above, and for a local Ray `RAY_AUTH_MODE=token` (what Ray chooses by default, set
+    explicitly so that Ray does not warn that it chose it). Nothing with `verbose`."""
+    if verbose:
+        return {}
+    local = (get(config, "ray.address") or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    skip = QUIET_RAY_SKIP + (QUIET_LOCAL_RAY_SKIP if local else ())
+    env = {"RAY_DEDUP_LOGS_SKIP_REGEX": "|".join(f"(?:{p})" for p in skip)}
+    if local:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
 
 
 def _backend(config: Mapping, cuda: bool) -> str:
@@ -411,10 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="worker function as module:function (default %(default)s)")
     parser.add_argument("--verbose", action="store_true",
                         help="third-party logging on the console too (tracking.verbose=true)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (tracking.progress=false)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     if args.verbose:
         args.overrides = [*args.overrides, "tracking.verbose=true"]
+    if args.no_progress:
+        args.overrides = [*args.overrides, "tracking.progress=false"]
     if not os.path.isfile(args.config):
         print(f"error: config file {args.config} not found", file=sys.stderr)
         return 2
@@ -429,16 +482,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:   # another worker function reads its own keys: pass the YAML through as it is
         config = load_config_dict(args.config, args.overrides)
 
+    for key, value in quiet_ray_env(config, bool(get(config, "tracking.verbose", False))).items():
+        os.environ.setdefault(key, value)            # before `ray` is imported
     import ray.train
-    try:
-        result = run_ray_training(config, args.worker)
+    try:   # the trainer prints its own line per logged step: no report lines beside them
+        result = run_ray_training(config, args.worker, report_lines=args.worker != DEFAULT_WORKER
+                                  or bool(get(config, "tracking.verbose", False)))
     except ray.train.TrainingFailedError as exc:
         print(f"[ray_train] FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     metrics = final_metrics(result)
-    print(f"[ray_train] finished; Ray run dir {result.path}")
-    if result.checkpoint is not None:
-        print(f"[ray_train] last checkpoint {result.checkpoint.path}")
+    last = (f"  last checkpoint {os.path.basename(result.checkpoint.path)}"
+            if result.checkpoint is not None else "")
+    print(f"[ray_train] finished; Ray run dir {result.path}{last}")
     if args.worker == DEFAULT_WORKER:   # the trainer's headline metrics; metrics.json has all
         from trainer.main import HEADLINE
         metrics = {k: metrics[k] for k in HEADLINE if k in metrics} or metrics

@@ -259,6 +259,8 @@ class TrackingConfig:
     # third-party logging below ERROR (TorchRec's planner, FBGEMM, Ray Train) on the console
     # too, not only in RUN_DIR/logs/rank<R>.log (`--verbose` sets it); see trainer.logs
     verbose: bool = False
+    # progress bars (rank 0) for epochs, evaluation and reassignment passes; see trainer.progress
+    progress: bool = True
 
 
 @dataclass

@@ -14,7 +14,10 @@ import logging
 import pathlib
 import sys
 
-THIRD_PARTY = ("torchrec", "fbgemm_gpu", "ray.train", "ray.data", "torch.distributed")
+THIRD_PARTY = ("torchrec", "fbgemm_gpu", "ray.train", "ray.data", "torch.distributed", "torch.fx")
+# loggers that keep their own console handler and do not propagate to the root logger (torch's
+# logging setup at import), quieted the same way
+OWN_HANDLERS = ("torch",)
 _PATHS = tuple(f"/{name.replace('.', '/')}/" for name in THIRD_PARTY)
 _filter: "QuietThirdParty | None" = None
 _installed = False
@@ -73,13 +76,14 @@ def quiet_console(verbose: bool = False) -> None:
             console = logging.StreamHandler(sys.stderr)
             console.setLevel(logging.WARNING)
             root.addHandler(console)
+    own = [logging.getLogger(name) for name in OWN_HANDLERS]
     if verbose:
-        for h in root.handlers:
+        for h in [*root.handlers, *(h for lg in own for h in lg.handlers)]:
             if _filter is not None:
                 h.removeFilter(_filter)
         return
     _filter = _filter or QuietThirdParty()
-    for h in _console_handlers(root):
+    for h in [*_console_handlers(root), *(h for lg in own for h in _console_handlers(lg))]:
         h.addFilter(_filter)
 
 
@@ -102,10 +106,14 @@ def attach_run_log(run_dir: pathlib.Path, rank: int) -> logging.Handler:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     root.addHandler(handler)
+    for name in OWN_HANDLERS:               # their records do not reach the root logger
+        if not logging.getLogger(name).propagate:
+            logging.getLogger(name).addHandler(handler)
     return handler
 
 
 def detach_run_log(handler: logging.Handler | None) -> None:
     if handler is not None:
-        logging.getLogger().removeHandler(handler)
+        for name in ("", *OWN_HANDLERS):
+            logging.getLogger(name or None).removeHandler(handler)
         handler.close()

@@ -155,7 +155,10 @@ class TrainRecipe:
         if self.ray_ctx is not None and split == "train" and self.cfg.data.reader == "ray":
             return BatchSource(lambda epoch: self.ray_ctx.iter_batches(split, batch_size, epoch),
                                self.env.device)
-        return local_source(self.data_dir / split, batch_size, self.env, shuffle, self.cfg.train.seed)
+        # training: equal row counts per rank (a row-wise sharded backward on gloo failed on
+        # last batches of 185 and 186 rows); evaluation reads every row once
+        return local_source(self.data_dir / split, batch_size, self.env, shuffle, self.cfg.train.seed,
+                            equal_shares=split == "train")
 
     def _train_label_mean(self) -> float:
         import pyarrow.dataset as ds
@@ -337,10 +340,10 @@ class TrainRecipe:
         if REASSIGN in actions and self.recent is not None:
             recent = list(padded(iter(self.recent), self.env))     # equal batch counts on every rank
             if self.retrieval is not None:   # the users' log-normalisers, as of now
-                items = (self.retrieval.normaliser_items(self.emb, self.env.device)
-                         if self.cfg.train.loss == "softmax" else None)
+                offsets = self.retrieval.phase_offsets(self.emb, self.interaction_model,
+                                                       self.meta.num_users, self.env.device)
                 recent = list(self.retrieval.with_offsets(recent, self.emb,
-                                                          self.interaction_model, items))
+                                                          self.interaction_model, offsets))
         # exact: each table split then reassigned in turn; Lite: every split, then one shared
         # pass proposes every table's moves
         lite = self.reassign_mode == "lite"
@@ -395,7 +398,7 @@ class TrainRecipe:
             return lambda: self._bar(padded(self.reassign_source.epoch(0), self.env), desc)
         return lambda: self.retrieval.reassign_batches(
             self._bar(padded(self.reassign_source.epoch(0), self.env), desc), self.emb,
-            self.interaction_model, self.env.device)
+            self.interaction_model, self.meta.num_users, self.env.device)
 
     def _ranking_evaluator(self, split: str) -> RankingEvaluator:
         return RankingEvaluator(self.data_dir, split, self.meta.num_users, self.meta.num_items,

@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("--verbose", action="store_true",
                         help="third-party logging on the console too (tracking.verbose=true)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (tracking.progress=false)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, [*args.overrides, *(["tracking.verbose=true"] if args.verbose else [])])
+    cfg = load_config(args.config, [*args.overrides,
+                                    *(["tracking.verbose=true"] if args.verbose else []),
+                                    *(["tracking.progress=false"] if args.no_progress else [])])
     from trainer.logs import quiet_console
     quiet_console(cfg.tracking.verbose)          # before TorchRec and FBGEMM are imported
     from trainer.worker import run_worker

@@ -56,6 +56,13 @@ def _is_sequence(value: Any) -> bool:
     return shape is not None and len(shape) > 0
 
 
+def _flatten(values: Any) -> list:
+    """Nested lists (a 2-D array's `tolist()`) as one flat list."""
+    if isinstance(values, list):
+        return [x for v in values for x in _flatten(v)]
+    return [values]
+
+
 # ----------------------------------------------------------------------------- loggers
 class NullLogger:
     """Discards everything (ranks other than 0, or `tracking.loggers=[]`)."""
@@ -74,24 +81,40 @@ class NullLogger:
 
 
 class StdoutLogger:
-    """One compact line per call: `[step 50] train_loss=0.4123 epoch=0 ...`. Sequences
-    (histograms) are left out."""
+    """One compact line per call: `[step 50] train_loss=0.4123 epoch=0 ...`, printed around the
+    open progress bars (`trainer.progress.console_write`). The console line leaves out what
+    metrics.jsonl and W&B keep in full: sequences (histograms), counts (`*_count*`), an MSE
+    beside its RMSE, and the item slices (`*_cold_items`, `*_warm_items`) that have the
+    `*_cold` / `*_warm` aliases. The summary is not printed: the entry points end with their
+    own table of the final metrics."""
 
     def __init__(self, stream=None):
         self.stream = stream
+
+    @staticmethod
+    def _shown(key: str, metrics: dict) -> bool:
+        if "_count" in key:
+            return False
+        if "_mse" in key and key.replace("_mse", "_rmse", 1) in metrics:
+            return False
+        for side in ("_cold", "_warm"):
+            if f"{side}_items" in key and key.replace(f"{side}_items", side, 1) in metrics:
+                return False
+        return True
 
     @staticmethod
     def _format(metrics: dict) -> str:
         parts = []
         for key, value in metrics.items():
             value = to_jsonable(value)
-            if isinstance(value, (list, dict)):
+            if isinstance(value, (list, dict)) or not StdoutLogger._shown(key, metrics):
                 continue
             parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
         return " ".join(parts)
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stdout, flush=True)
+        from trainer.progress import console_write
+        console_write(line, self.stream)
 
     def log_config(self, config: dict) -> None:
         pass                                   # the trainer prints its own header line
@@ -100,7 +123,7 @@ class StdoutLogger:
         self._print(f"[step {step}] {self._format(metrics)}")
 
     def log_summary(self, summary: dict) -> None:
-        self._print(f"[summary] {self._format(summary)}")
+        pass                                   # the entry points print the final metrics table
 
     def close(self) -> None:
         pass
@@ -147,8 +170,12 @@ def resolve_wandb_mode(mode: str | None) -> str:
 
 
 class WandbLogger:
-    """A W&B run whose files live under `run_dir` (`run_dir/wandb/...`). Sequence values are
-    logged as `wandb.Histogram`; `log_summary` fills the run summary."""
+    """A W&B run whose files live under `run_dir` (`run_dir/wandb/...`). Sequence values (e.g.
+    `cluster_sizes_<table>`, members per cluster) are logged as `wandb.Histogram`, scalars (e.g.
+    `num_clusters_<table>`) as numbers; every row carries `STEP_METRIC`, the training step, which
+    `define_metric` makes the x axis of all charts. `log_summary` fills the run summary."""
+
+    STEP_METRIC = "step"
 
     def __init__(self, project: str, run_dir: str | os.PathLike, config: dict | None = None,
                  mode: str | None = None, name: str | None = None, run_id: str | None = None,
@@ -162,21 +189,38 @@ class WandbLogger:
         self.run = wandb.init(project=project, dir=str(run_dir), config=config or {},
                               mode=self.mode, name=name, id=run_id, resume=resume,
                               # console "off": no capture of the run's own console (its
-                              # lines are in RUN_DIR/logs); quiet: no 30-line summary
+                              # lines are in RUN_DIR/logs); quiet: no 30-line summary; offline,
+                              # silent: one line below instead of W&B's three
                               settings=wandb.Settings(**{"console": "off", "quiet": True,
+                                                         "silent": self.mode == "offline",
                                                          **(settings or {})}))
+        if self.mode == "offline":
+            from trainer.progress import console_write
+            console_write(f"[tracking] W&B offline run {self.run.settings.sync_dir} "
+                          f"(`wandb sync` uploads it)")
+        # charts plot over the training step (not W&B's own row counter); histograms included
+        self.run.define_metric(self.STEP_METRIC)
+        self.run.define_metric("*", step_metric=self.STEP_METRIC)
         self._closed = False
         self._pending: dict = {}             # this step's metrics, merged until the step moves on
         self._pending_step: int | None = None
+        self._warned: set[str] = set()
 
     def _convert(self, metrics: dict) -> dict:
+        """Sequences -> `wandb.Histogram` of their finite numbers (an empty one is left out of
+        the row with a one-time note on stderr, never logged as a raw list); the rest as plain
+        JSON values."""
         out = {}
         for key, value in metrics.items():
             if _is_sequence(value):
-                values = to_jsonable(value)
-                values = [v for v in values if v is not None]
+                values = [v for v in _flatten(to_jsonable(value))
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)]
                 if values:
                     out[key] = self._wandb.Histogram(values)
+                elif key not in self._warned:
+                    self._warned.add(key)
+                    print(f"[tracking] W&B: {key} has no finite numbers at this step; left out "
+                          "of the row (no histogram)", file=sys.stderr, flush=True)
             else:
                 out[key] = to_jsonable(value)
         return out
@@ -196,7 +240,8 @@ class WandbLogger:
 
     def _flush(self) -> None:
         if self._pending_step is not None:
-            self.run.log(self._pending, step=self._pending_step, commit=True)
+            self.run.log({**self._pending, self.STEP_METRIC: self._pending_step},
+                         step=self._pending_step, commit=True)
         self._pending, self._pending_step = {}, None
 
     def log_summary(self, summary: dict) -> None:

@@ -8,6 +8,7 @@ from trainer.config import TrainConfig
 from trainer.dist import DistEnv, init_distributed, shutdown_distributed
 from trainer.logs import quiet_console
 from trainer.loop import TrainRecipe
+from trainer.progress import close_progress
 
 
 def run_worker(cfg: TrainConfig, ray_ctx: Any = None) -> dict:
@@ -29,7 +30,9 @@ def _train(cfg: TrainConfig, env: DistEnv, ray_ctx: Any) -> dict:
     recipe.setup()
     try:
         metrics = recipe.train()
+        close_progress(f"trained {recipe.epoch} epochs", recipe.step)   # Ray: its one line
     finally:
+        close_progress()         # a Ray-rendered bar: closed before the run's last lines
         recipe.cleanup()
     if env.is_main:
         print(f"[train] metrics written to {recipe.run_dir / 'metrics.json'}", flush=True)

@@ -78,3 +78,40 @@ def test_local_ray_workers_get_ray_trains_print_patch_off(monkeypatch):
     import os
     assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" == QUIET_RAY_ENV["RAY_TRAIN_ENABLE_PRINT_PATCH"]
     assert collect_env([])["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"        # submitted jobs too
+
+
+def test_torchs_own_console_handler_is_quieted_and_its_records_reach_the_run_log(
+        fresh_logging, tmp_path, capsys, monkeypatch):
+    import sys
+    torch_logger = logging.getLogger("torch")        # torch's import installs such a handler
+    monkeypatch.setattr(torch_logger, "handlers", [logging.StreamHandler(sys.stderr)])
+    monkeypatch.setattr(torch_logger, "propagate", False)
+    logs.quiet_console(verbose=False)
+    handler = logs.attach_run_log(tmp_path, rank=0)
+    logging.getLogger("torch.fx._symbolic_trace").warning("is_fx_tracing will return true")
+    logging.getLogger("torch.mine").warning("a torch warning of ours")
+    logs.detach_run_log(handler)
+    assert handler not in torch_logger.handlers
+    assert "is_fx_tracing" in (tmp_path / "logs" / "rank0.log").read_text()
+    err = capsys.readouterr().err
+    assert "is_fx_tracing" not in err and "a torch warning of ours" in err
+
+
+def test_the_ray_drivers_skip_regex_drops_rays_own_noise_only():
+    import re
+
+    from jobs.ray_train import quiet_ray_env
+    env = quiet_ray_env({})
+    skip = re.compile(env["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    assert env["RAY_AUTH_MODE"] == "token"           # Ray's own default for a local cluster
+    for noise in ("Failed to query Ray Train Controller actor state. State API may be ...",
+                  "Dataset dataset_035AK_0 execution finished in 0.01 seconds",
+                  "Progress bars disabled. To enable, set `ray.data...`",
+                  "  self.exclude_resources = exclude_resources"):
+        assert skip.search(noise), noise
+    for ours in ("[step 40] val_rmse=0.79", "[train] run dir runs/x", "Traceback (most recent call last):",
+                 "RuntimeError: worker failed"):
+        assert not skip.search(ours), ours
+    remote = quiet_ray_env({"ray": {"address": "ray://head:10001"}})
+    assert "RAY_AUTH_MODE" not in remote and "Failed to query" not in remote["RAY_DEDUP_LOGS_SKIP_REGEX"]
+    assert quiet_ray_env({}, verbose=True) == {}

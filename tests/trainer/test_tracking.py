@@ -63,7 +63,7 @@ def test_stdout_logger_one_compact_line():
     logger.log({"train_loss": 0.123456, "epoch": 2, "sizes": [1, 2]}, step=7)
     logger.log_summary({"val_rmse": 0.91})
     out = stream.getvalue().splitlines()
-    assert out == ["[step 7] train_loss=0.1235 epoch=2", "[summary] val_rmse=0.91"]
+    assert out == ["[step 7] train_loss=0.1235 epoch=2"]      # the summary: the final table
 
 
 def test_multi_logger_fans_out_and_closes_all(tmp_path):
@@ -146,3 +146,83 @@ def test_wandb_offline_run_round_trip(offline_wandb):
     assert run["summary"]["val_rmse"] == pytest.approx(0.91) and run["summary"]["method"] == "cel"
     assert read_wandb_offline_run(runs[0])["history"] == run["history"]
     assert not math.isnan(run["summary"]["train_loss"])
+
+
+def test_wandb_cluster_charts_over_training_step(offline_wandb):
+    """cluster_sizes_<table> reaches W&B as a histogram, num_clusters_<table> as a scalar, every
+    row carries the training step and the run defines it as the charts' x axis."""
+    from wandb.proto import wandb_internal_pb2
+    from trainer.tracking import _wandb_records
+
+    run_dir = offline_wandb / "runs" / "charts"
+    logger = WandbLogger("cel-test", run_dir, {})
+    logger.log({"num_clusters_items": 8, "cluster_sizes_items": np.array([40, 30, 20, 10, 0, 0, 0, 0]),
+                "num_clusters_users": 2, "cluster_sizes_users": torch.tensor([7, 5])}, step=40)
+    logger.log({"num_clusters_items": 16, "cluster_sizes_items": [9] * 16}, step=80)
+    logger.close()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    metrics = []
+    deadline = time.monotonic() + 20
+    while True:
+        run = read_wandb_offline_run(run_dir)
+        for data in _wandb_records(files[0]):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "metric":
+                metrics.append(rec.metric)
+        if len(run["history"]) == 2 or time.monotonic() > deadline:
+            break
+        metrics.clear()
+        time.sleep(0.5)
+    assert any(m.name == "step" for m in metrics)
+    assert any(m.glob_name == "*" and m.step_metric == "step" for m in metrics)
+    first, second = run["history"]
+    assert first["step"] == first["_step"] == 40 and second["step"] == 80
+    assert first["num_clusters_items"] == 8 and first["num_clusters_users"] == 2
+    assert second["num_clusters_items"] == 16
+    for row, key, count in ((first, "cluster_sizes_items", 8), (first, "cluster_sizes_users", 2),
+                            (second, "cluster_sizes_items", 16)):
+        assert row[key]["_type"] == "histogram" and sum(row[key]["values"]) == count
+
+
+def test_wandb_logger_hands_histogram_objects_to_wandb(monkeypatch, tmp_path, capsys):
+    """With a fake wandb module: the objects that reach `run.log` (no raw lists, nothing silently
+    dropped) and the step metric definitions."""
+    import types
+
+    class Histogram:
+        def __init__(self, sequence):
+            self.sequence = list(sequence)
+
+    class Run:
+        def __init__(self):
+            self.logged, self.defined = [], []
+            self.config = types.SimpleNamespace(update=lambda *a, **k: None)
+            self.summary = {}
+            self.settings = types.SimpleNamespace(sync_dir=str(tmp_path / "wandb"))
+
+        def define_metric(self, name, step_metric=None, **_):
+            self.defined.append((name, step_metric))
+
+        def log(self, row, step=None, commit=None):
+            self.logged.append((dict(row), step))
+
+        def finish(self):
+            pass
+
+    run = Run()
+    fake = types.SimpleNamespace(init=lambda **_: run, Settings=lambda **kw: kw, Histogram=Histogram)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = WandbLogger("p", tmp_path, mode="offline")
+    assert run.defined == [("step", None), ("*", "step")]
+    logger.log({"num_clusters_items": 3, "cluster_sizes_items": [5, 2, 1],
+                "cluster_sizes_users": [], "train_loss": float("nan")}, step=7)
+    logger.log({"num_clusters_items": 4}, step=9)
+    logger.close()
+    (row, step), (row2, step2) = run.logged
+    assert step == 7 and row["step"] == 7 and step2 == 9 and row2 == {"num_clusters_items": 4, "step": 9}
+    assert isinstance(row["cluster_sizes_items"], Histogram)
+    assert row["cluster_sizes_items"].sequence == [5, 2, 1] and row["num_clusters_items"] == 3
+    assert "cluster_sizes_users" not in row and row["train_loss"] is None
+    assert not any(isinstance(v, list) for v in row.values())
+    assert "cluster_sizes_users has no finite numbers" in capsys.readouterr().err
