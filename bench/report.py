@@ -1,10 +1,20 @@
-"""Print every bench/results/*.json as a Markdown table (the README's tables come from here).
+"""Print every bench/results/*.json as a Markdown table (the README's tables come from here),
+or write the README's plots.
 
     python -m bench.report [NAME ...]
+    python -m bench.report --plots DIR [--run RUN_DIR] [NAME ...]
+
+--plots writes PNGs into DIR (see bench/plots.py) and prints each path: quality vs embedding bytes
+per results file (NAMEs restrict which), and from one training run the cluster count over steps,
+the final cluster-size distribution and the split/reassignment time per epoch. Without --run the
+run plots come from the newest run directory under runs/; with none there they are skipped with a
+note. A --run path that is not a run directory is an error (exit 2).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import pathlib
 import sys
 
 from bench.common import RESULTS_DIR, print_table
@@ -39,8 +49,8 @@ COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes
 SKIP = {"note", "args"}
 
 
-def report(name: str) -> str:
-    data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+def report(name: str, results_dir: pathlib.Path | None = None) -> str:
+    data = json.loads(((results_dir or RESULTS_DIR) / f"{name}.json").read_text())
     records = data["records"]
     cols = COLUMNS.get(name)
     if cols is None:
@@ -51,11 +61,51 @@ def report(name: str) -> str:
     return print_table(records, cols)
 
 
-def main(argv: list[str]) -> None:
-    names = argv or sorted(p.stem for p in RESULTS_DIR.glob("*.json"))
-    for name in names:
-        report(name)
+RUNS_DIR = pathlib.Path("runs")        # the trainer's default run.dir, relative to the cwd
+
+
+def plots(out_dir: str, run: str | None, names: list[str], results_dir: pathlib.Path) -> list:
+    from bench import plots as P
+    if run is not None:
+        run_dir = pathlib.Path(run)
+        if not P.is_run_dir(run_dir):
+            print(f"error: --run {run}: not a run directory (no {' or '.join(P.RUN_FILES)} "
+                  "there)" if run_dir.is_dir() else f"error: --run {run}: no such directory",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(2)
+    else:
+        run_dir = P.newest_run(RUNS_DIR)
+        if run_dir is None:
+            print(f"[plots] no run directory under {RUNS_DIR}/ (pass --run RUN_DIR): skipped "
+                  f"{', '.join(P.RUN_PLOTS)}", flush=True)
+        else:
+            print(f"[plots] run plots from the newest run under {RUNS_DIR}/: {run_dir}", flush=True)
+    written = P.write_all(out_dir, results_dir, run_dir, names or None,
+                          note=lambda text: print(text, flush=True))
+    for path in written:
+        print(path, flush=True)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME", help="results files (bench/results/NAME.json)")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR instead of tables")
+    parser.add_argument("--run", metavar="RUN_DIR", help="the training run the run plots show "
+                        "(default: the newest under runs/)")
+    parser.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR),
+                        help="where the results files are (default: bench/results)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plots is None:
+        if args.run is not None:
+            parser.error("--run needs --plots DIR")
+        results_dir = pathlib.Path(args.results)
+        for name in args.names or sorted(p.stem for p in results_dir.glob("*.json")):
+            report(name, results_dir)
+        return
+    plots(args.plots, args.run, args.names, pathlib.Path(args.results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
