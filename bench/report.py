@@ -45,6 +45,9 @@ COLUMNS = {
                     "samples_per_s", "vs_full", "vs_full_steps_p25", "vs_full_steps_p75",
                     "embedding_bytes", "compression", "clusters"],
 }
+COLUMNS["retrieval"] = ["method", "item_clusters", "item_side_bytes", "compression", "lr", "l2",
+                        "best_epoch", "recall_at_20", "ndcg_at_20", "recall_at_10", "recall_at_50",
+                        "recall_at_20_cold_items", "vs_full_recall_at_20", "train_time_s"]
 COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes, run on their own
 SKIP = {"note", "args"}
 

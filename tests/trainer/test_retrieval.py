@@ -205,3 +205,53 @@ def test_full_table_bpr_export_recommends_the_trained_models_top_items(tmp_path)
         want = served.vocabulary(ITEM).take(pa.array(np.argsort(-s, kind="stable")[:5])).to_pylist()
         assert items[row] == [str(x) for x in want]
         assert np.all(np.diff(scores[row]) <= 1e-6)
+
+
+class _ServedLookup:
+    """An export's rows behind the collection's call signature."""
+
+    def __init__(self, served):
+        self.served = served
+
+    def __call__(self, kjt):
+        u = self.served.embed(USER, kjt[USER].values().numpy())
+        i = self.served.embed(ITEM, kjt[ITEM].values().numpy())
+        return type("Pooled", (), {"to_dict": lambda self: {USER: u, ITEM: i}})()
+
+
+@pytest.mark.dist
+def test_two_process_row_wise_retrieval_run_ranks_as_its_export_does(tmp_path):
+    """A 2-rank row-wise sharded CEL run with sampled softmax: its distributed ranking metrics
+    (each rank scores its share of the users, sums all-reduced) equal a one-process evaluation
+    of its serving export."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.trainer.test_train_e2e import ROOT, TINY
+    from trainer.export import export_run
+    from trainer.serving import ServingModel
+    torchrun = pathlib.Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer.main", "--config",
+           str(ROOT / "configs/synthetic_small.yaml"), *TINY, "train.max_steps=30",
+           "train.loss=softmax", "dist.sharding=row_wise", f"run.dir={tmp_path / 'runs'}",
+           f"data.cache_dir={tmp_path / 'cache'}", "run.name=tr"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tr"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    manifest = export_run(run_dir, tmp_path / "export")
+    served = ServingModel(tmp_path / "export")
+    data_dir = pathlib.Path(manifest["data_dir"])
+    from data_pipeline.dataset import load_meta, load_train_counts
+    meta = load_meta(data_dir)
+    ev = RankingEvaluator(data_dir, "val", meta.num_users, meta.num_items,
+                          np.array(load_train_counts(data_dir, "users")),
+                          np.array(load_train_counts(data_dir, "items")), cold_threshold=5)
+    got = ev.evaluate(_ServedLookup(served), served.model, init_distributed(), torch.device("cpu"))
+    assert got["count_ranking_users"] == metrics["val_count_ranking_users"] > 100
+    for key in ("recall_at_10", "recall_at_20", "ndcg_at_20", "recall_at_50_cold_users",
+                "recall_at_20_cold_items"):
+        want = metrics[f"val_{key}"]
+        assert (got[key] == pytest.approx(want, abs=1e-6)) if want is not None else math.isnan(got[key]), key
