@@ -88,27 +88,15 @@ def _split_pairs(kjt: KeyedJaggedTensor, size: int) -> tuple[torch.Tensor, torch
 
 
 class NegativeSampler:
-    """Negatives over the item catalogue, from its own generator (reproducible): uniform, or
-    with `counts` in proportion to them (the items of random training interactions), by binary
-    search in their cumulative sum (O(log items) a draw)."""
+    """Uniform negatives over the item catalogue, from its own generator (reproducible)."""
 
-    def __init__(self, num_items: int, negatives: int, seed: int,
-                 counts: torch.Tensor | None = None):
+    def __init__(self, num_items: int, negatives: int, seed: int):
         self.num_items = int(num_items)
         self.negatives = int(negatives)
         self.generator = torch.Generator().manual_seed(seed)
-        self.cdf = None
-        if counts is not None:
-            c = counts.double().clamp_min(0)[:self.num_items].cumsum(0)
-            if c.numel() and float(c[-1]) > 0:
-                self.cdf = c / c[-1]
 
     def draw(self, n: int, device) -> torch.Tensor:
-        if self.cdf is None:
-            return torch.randint(self.num_items, (n,), generator=self.generator).to(device)
-        u = torch.rand(n, generator=self.generator, dtype=torch.float64)
-        idx = torch.searchsorted(self.cdf, u, right=True).clamp_max(self.num_items - 1)
-        return idx.to(device)
+        return torch.randint(self.num_items, (n,), generator=self.generator).to(device)
 
     def widen(self, kjt, dense, label):
         """(kjt, dense, label) of B positives -> B * (1 + negatives) rows: the positives, then
