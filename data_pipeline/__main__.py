@@ -4,6 +4,8 @@
   python -m data_pipeline prepare csv --src ratings.tsv --out data/x --delimiter '\\t' \\
       --columns user=uid,item=iid,label=rating,timestamp=ts
   python -m data_pipeline prepare movielens --src ml-1m --out data/ml1m-click --label-kind click
+  python -m data_pipeline prepare movielens --src ml-1m --out data/ml1m-cce --drop-ratings 3 \\
+      --label-kind click --click-threshold 4 --split leave-last --k 2
   python -m data_pipeline prepare criteo --src data/criteo-kaggle --out data/criteo --min-count 4
   python -m data_pipeline synth --out data/synth --users 2000 --items 1000 \\
       --interactions 100000 --clusters 8 --seed 0
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rating: the raw rating; click: 1 if rating >= --click-threshold else 0")
     ml.add_argument("--click-threshold", type=float, default=None,
                     help="with --label-kind click: ratings >= this are clicks (default: 4)")
+    ml.add_argument("--drop-ratings", default=None, metavar="R[,R...]",
+                    help="remove rows with these ratings before ids are compacted and the split "
+                         "is made (e.g. 3: the CCE paper's protocol with --label-kind click)")
     _add_split_args(ml, "reference")
 
     csv = kinds.add_parser("csv", help="any delimited interaction file with a column map")
@@ -104,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _float_list(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
+
+
 def _split_kwargs(args) -> dict:
     return dict(split=args.split, seed=args.seed, ratio=args.ratio, k=args.k, cut=args.cut,
                 cut_quantile=args.cut_quantile, overwrite=args.overwrite)
@@ -130,7 +144,9 @@ def run(args: argparse.Namespace) -> dict:
         from data_pipeline.sources.movielens import prepare_movielens
         kw = _split_kwargs(args)
         meta = prepare_movielens(args.src, args.out, label_kind=args.label_kind,
-                                 click_threshold=args.click_threshold, **kw)
+                                 click_threshold=args.click_threshold,
+                                 drop_ratings=_float_list(args.drop_ratings, "--drop-ratings"),
+                                 **kw)
     elif args.kind == "csv":
         from data_pipeline.sources.csv import parse_column_map, prepare_csv
         delimiter = args.delimiter.encode().decode("unicode_escape")

@@ -7,11 +7,16 @@ ML-20M/25M/latest  ratings.csv   comma-separated with header userId,movieId,rati
 Labels: `label_kind="rating"` (default) keeps the rating; `label_kind="click"` makes a binary
 label, 1.0 if rating >= `click_threshold` (default 4) else 0.0, and records label_kind "click"
 and the threshold (meta.extra["click_threshold"]).
+
+`drop_ratings` (e.g. `[3]`, the CCE paper's MovieLens protocol): rows with exactly these ratings
+are removed first, before ids are compacted and the split is made, so users and items left with
+no rows disappear from the vocabularies; recorded as meta.extra["drop_ratings"].
 """
 from __future__ import annotations
 
 import os
 import pathlib
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +79,7 @@ def prepare_movielens(src: str | os.PathLike, out: str | os.PathLike, *, split: 
                       seed: int = 0, ratio: float = 0.8, k: int = 1, cut: int | None = None,
                       cut_quantile: float | None = None, label_kind: str = "rating",
                       click_threshold: float | None = None,
+                      drop_ratings: Sequence[float] | None = None,
                       overwrite: bool = False) -> DatasetMeta:
     """Convert a MovieLens ratings file; the default split is the CEL reference split."""
     if label_kind not in ("rating", "click"):
@@ -83,16 +89,24 @@ def prepare_movielens(src: str | os.PathLike, out: str | os.PathLike, *, split: 
     check_output(out, overwrite)
     path = detect(src)
     table = read_ratings(path)
+    extra = {}
+    if drop_ratings:
+        dropped = sorted({float(r) for r in drop_ratings})
+        keep = ~np.isin(table.column("rating").to_numpy(), dropped)
+        if not keep.any():
+            raise DataError(f"{path}: --drop-ratings {','.join(f'{r:g}' for r in dropped)} "
+                            f"removes every row")
+        table = table.filter(pa.array(keep))
+        extra["drop_ratings"] = dropped
     label = table.column("rating").to_numpy()
-    extra = None
     if label_kind == "click":
         threshold = float(DEFAULT_CLICK_THRESHOLD if click_threshold is None else click_threshold)
         if not np.isfinite(threshold):
             raise DataError(f"--click-threshold must be finite, got {threshold}")
         label = (label >= threshold).astype(np.float32)
-        extra = {"click_threshold": threshold}
+        extra["click_threshold"] = threshold
     return build_dataset(out, user=table.column("user"), item=table.column("item"),
-                         label=label, extra=extra,
+                         label=label, extra=extra or None,
                          timestamp=table.column("timestamp").to_numpy(), label_kind=label_kind,
                          source=f"movielens:{FORMATS[path.name]}:{path}", split=split,
                          split_args=dict(seed=seed, ratio=ratio, k=k, cut=cut,
