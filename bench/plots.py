@@ -30,9 +30,14 @@ class Source:
     """A results file plotted as quality vs bytes: the first metric / byte key its records hold."""
 
     def __init__(self, name: str, metrics: tuple[str, ...], bytes_keys: tuple[str, ...],
-                 label: str, higher_is_better: bool):
+                 label: str, higher_is_better: bool, spread: str | None = None,
+                 samples: str | None = None, point_key: str | None = None):
         self.name, self.metrics, self.bytes_keys = name, metrics, bytes_keys
         self.label, self.higher_is_better = label, higher_is_better
+        # optional record keys: `spread` an error bar (+-, e.g. the std over seeds), `samples`
+        # a list of the values the metric is the mean of (drawn as small dots), `point_key` the
+        # text each point is labelled with (default: CEL's cluster counts)
+        self.spread, self.samples, self.point_key = spread, samples, point_key
 
 
 QUALITY_SOURCES = (
@@ -44,7 +49,7 @@ QUALITY_SOURCES = (
     Source("retrieval", ("recall_at_20",), ("item_side_bytes", "embedding_bytes"),
            "recall@20", True),
     Source("compression", ("auc", "val_auc"), ("embedding_bytes", "item_side_bytes"),
-           "AUC", True),
+           "AUC", True, spread="auc_std", samples="auc_seeds", point_key="budget"),
 )
 
 
@@ -94,8 +99,11 @@ def _bytes_axis(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _point_label(r: dict) -> str | None:
-    """CEL points carry their cluster counts ('k=50', 'k=50/u100')."""
+def _point_label(r: dict, key: str | None = None) -> str | None:
+    """CEL points carry their cluster counts ('k=50', 'k=50/u100'); with `key`, every point
+    its record's `key` value."""
+    if key is not None:
+        return None if r.get(key) is None else str(r[key])
     if r.get("item_clusters") is None:
         return None
     return f"k={r['item_clusters']}" + (f"/u{r['user_clusters']}" if r.get("user_clusters") else "")
@@ -123,12 +131,23 @@ def quality_vs_bytes(data: dict, source: Source, out_dir: str | pathlib.Path,
         by_method: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             by_method[str(r.get("method", "?"))].append(r)
-        for method, pts in by_method.items():
+        for i, (method, pts) in enumerate(by_method.items()):
             pts.sort(key=lambda r: r[nbytes])
-            ax.plot([r[nbytes] for r in pts], [r[metric] for r in pts], marker="o",
-                    linewidth=1, markersize=5, label=method)
+            xs, ys = [r[nbytes] for r in pts], [r[metric] for r in pts]
+            spread = ([r.get(source.spread) or 0.0 for r in pts]
+                      if source.spread and any(r.get(source.spread) is not None for r in pts) else None)
+            if spread is not None:
+                ax.errorbar(xs, ys, yerr=spread, marker="o", linewidth=1, markersize=5,
+                            capsize=3, color=f"C{i}", label=method)
+            else:
+                ax.plot(xs, ys, marker="o", linewidth=1, markersize=5, color=f"C{i}", label=method)
+            if source.samples:
+                for r in pts:
+                    values = r.get(source.samples) or []
+                    ax.plot([r[nbytes]] * len(values), values, linestyle="none", marker=".",
+                            markersize=3, color=f"C{i}", alpha=0.5)
             for r in pts:
-                if (text := _point_label(r)) is not None:
+                if (text := _point_label(r, source.point_key)) is not None:
                     ax.annotate(text, (r[nbytes], r[metric]), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color="0.3")
         _bytes_axis(ax)
@@ -138,7 +157,9 @@ def quality_vs_bytes(data: dict, source: Source, out_dir: str | pathlib.Path,
         ax.set_title(" / ".join(str(x) for x in (dataset, model) if x) or source.name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method", title_fontsize=8)
-    fig.suptitle(f"{source.name}: {source.label} vs {nbytes.replace('_', ' ')}")
+    bars = (f" (bars: +-{source.spread}" + (f", dots: {source.samples}" if source.samples else "")
+            + ")") if source.spread and any(r.get(source.spread) is not None for r in records) else ""
+    fig.suptitle(f"{source.name}: {source.label} vs {nbytes.replace('_', ' ')}{bars}")
     where = data.get("device") or data.get("machine", "")
     return _save(fig, pathlib.Path(out_dir) / f"quality_vs_bytes_{source.name}.png",
                  f"{origin or f'bench/results/{source.name}.json'}, "

@@ -48,6 +48,9 @@ COLUMNS = {
 COLUMNS["retrieval"] = ["method", "item_clusters", "item_side_bytes", "compression", "lr", "l2",
                         "best_epoch", "recall_at_20", "ndcg_at_20", "recall_at_10", "recall_at_50",
                         "recall_at_20_cold_items", "vs_full_recall_at_20", "train_time_s"]
+COLUMNS["compression"] = ["dataset", "method", "budget", "target_compression", "compression",
+                          "embedding_bytes", "auc", "auc_std", "auc_min", "auc_max",
+                          "auc_minus_full", "seeds", "lr", "l2", "best_epochs", "train_time_s"]
 COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes, run on their own
 SKIP = {"note", "args"}
 
