@@ -132,9 +132,11 @@ def plan(methods: list[str], budgets: list[str], num_users: int, num_items: int
          ) -> tuple[list[dict], list[dict]]:
     """(configs to run, budgets left out with the reason): one config per (method, budget);
     full once, without a budget."""
+    from trainer.config import load_config
     configs, left_out = [], []
     parsed = [parse_budget(b, num_users, num_items) for b in budgets]
     for method in methods:
+        load_config(None, [f"embedding.method={method}"])     # ConfigError: a method it lacks
         if method == "full":
             configs.append({"method": "full", "budget": "full", "target_compression": None,
                             "budget_rows_per_table": None, "overrides": ["embedding.method=full"]})
@@ -233,7 +235,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"[bench] {dataset}: {nu:,} users, {ni:,} items, splits {meta['splits']}", flush=True)
     budgets = args.budgets.split(",") if args.budgets else default_budgets(nu, ni)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    configs, left_out = plan(methods, budgets, nu, ni)
+    from trainer.config import ConfigError
+    try:
+        configs, left_out = plan(methods, budgets, nu, ni)
+    except (ConfigError, ValueError) as exc:
+        parser.error(f"--methods / --budgets: {exc}")
     grid = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
     epochs = EPOCHS
     if args.quick:

@@ -38,6 +38,9 @@ def test_plan_leaves_out_what_a_method_cannot_reach():
     assert compression_bench.default_budgets(943, 1682) == ["4x", "16x", "64x"]
     assert compression_bench.default_budgets(6040, 3706)[-3:] == ["256", "1024", "4096"]
     assert compression_bench.METHODS.split(",") == ["cel", "full", "hash", "qr"]
+    from trainer.config import ConfigError
+    with pytest.raises(ConfigError, match="embedding.method"):    # a method the trainer lacks
+        compression_bench.plan(["full", "nope"], ["4x"], 943, 1682)
 
 
 def test_compression_bench_quick_on_a_tiny_movielens_file(tmp_path, capsys):
