@@ -1,5 +1,6 @@
 """What a run is built from, chosen by its config: the dataset directory and the entity
-embedding collection (`embedding.method`: cel | full | hash | qr), initialised. The recipe
+embedding collection (`embedding.method`: cel | full | hash | qr | sparse | cce | cerp),
+initialised. The recipe
 (`trainer.loop`) calls these once in `setup`."""
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from cel_torchrec.modules import (ClusteredEmbeddingBagCollection, ClusteringConfig,
                                   FullEmbeddingBagCollection, HashedEmbeddingBagCollection,
                                   QREmbeddingBagCollection)
+from cel_torchrec.modules.compact import (CCEEmbeddingBagCollection, CCEShape,
+                                          CERPEmbeddingBagCollection, CERPShape,
+                                          SparseEmbeddingBagCollection, cce_shape_for,
+                                          cerp_shape_for, qr_collisions_for, sparse_k_for)
 from trainer.config import TrainConfig
 from trainer.dist import DistEnv, barrier
 from trainer.models import CTR_MODELS, embedding_dim_for
 
 CONFIG_KEY_OF_TABLE = {"user": "users", "item": "items"}
+COMPACT_METHODS = ("sparse", "cce", "cerp")
+METHODS = ("cel", "full", "hash", "qr", *COMPACT_METHODS)
 
 
 def resolve_dataset(cfg: TrainConfig, env: DistEnv) -> pathlib.Path:
@@ -58,8 +65,9 @@ def table_specs(cfg: TrainConfig, num_users: int, num_items: int,
 def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
                                device: torch.device,
                                sparse_features: dict[str, int] | None = None) -> torch.nn.Module:
-    """The entity embedding collection chosen by `embedding.method` (cel | full | hash | qr)
-    over the tables of `table_specs`, sized by `embedding.compression` when it is set."""
+    """The entity embedding collection chosen by `embedding.method` (cel | full | hash | qr |
+    sparse | cce | cerp) over the tables of `table_specs`, sized by `embedding.compression`
+    when it is set (sparse, cce and cerp are sized by it only)."""
     dim = embedding_dim_for(cfg.model)
     specs = table_specs(cfg, num_users, num_items, sparse_features)
     tables = [EmbeddingBagConfig(name=t, embedding_dim=dim, num_embeddings=n, feature_names=[f])
@@ -89,20 +97,35 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
         emb = QREmbeddingBagCollection(
             tables, budget if budget is not None else _per_table(cfg.embedding.qr_collisions, specs),
             device=device)
+    elif method in COMPACT_METHODS:
+        if budget is None:
+            raise ValueError(f"embedding.method={method} is sized by embedding.compression "
+                             f"(full bytes / method bytes); set it, e.g. embedding.compression=16")
+        e = cfg.embedding
+        if method == "sparse":
+            emb = SparseEmbeddingBagCollection(tables, budget, device=device)
+        elif method == "cce":
+            emb = CCEEmbeddingBagCollection(tables, budget, until=e.cce_until, seed=cfg.train.seed,
+                                            device=device)
+        else:
+            emb = CERPEmbeddingBagCollection(tables, budget, reg=e.cerp_reg, device=device)
     else:
-        raise ValueError(f"embedding.method must be cel|full|hash|qr, got {method!r}")
+        raise ValueError(f"embedding.method must be {'|'.join(METHODS)}, got {method!r}")
     # MF / DeepFM: the bias column d (and FBGEMM alignment padding after it) starts at zero
     _init_embeddings(emb, cfg.model.init_std, seed=cfg.train.seed,
                      zero_from=cfg.model.embedding_dim if cfg.model.name in ("mf", "deepfm") else None)
+    if hasattr(emb, "after_init"):
+        emb.after_init()
     return emb
 
 
-def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: int) -> dict[str, int]:
+def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: int) -> dict:
     """`embedding.compression`: per table with at least `embedding.min_cardinality` rows, the
     size that brings its bytes to about `full / compression` under `embedding.method` (the
     total byte budget split in proportion to cardinality): CEL clusters after its int32 map,
-    hash buckets, or QR's collision count `m` (a quotient table of `ceil(n / m)` rows plus a
-    remainder table of `m`). Smaller tables are left out (full)."""
+    hash buckets, QR's collision count `m` (a quotient table of `ceil(n / m)` rows plus a
+    remainder table of `m`), sparse's non-zeros per row, CCE's `CCEShape` or CERP's
+    `CERPShape` (`cel_torchrec.modules.compact`). Smaller tables are left out (full)."""
     e = cfg.embedding
     ratio = float(e.compression)
     if ratio <= 1:
@@ -124,23 +147,15 @@ def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: in
             out[table] = max(1, min(n, int(budget_rows)))
         elif e.method == "qr":
             out[table] = qr_collisions_for(n, budget_rows)
+        elif e.method == "sparse":
+            out[table] = sparse_k_for(dim, ratio)
+        elif e.method == "cce":
+            out[table] = CCEShape(*cce_shape_for(n, dim, ratio, e.cce_chunks))
+        elif e.method == "cerp":
+            out[table] = CERPShape(*cerp_shape_for(n, dim, ratio, e.cerp_dense_factor))
         elif e.method != "full":
-            raise ValueError(f"embedding.method must be cel|full|hash|qr, got {e.method!r}")
+            raise ValueError(f"embedding.method must be {'|'.join(METHODS)}, got {e.method!r}")
     return out
-
-
-def qr_collisions_for(n: int, budget_rows: float) -> int:
-    """The QR collision count `m` whose two tables (`ceil(n / m) + m` rows) fit `budget_rows`
-    with the largest quotient table; where no `m` fits (the fewest rows QR can have is about
-    `2 sqrt(n)`), the `m` with the fewest rows."""
-    import math
-    root = math.isqrt(max(n - 1, 0)) + 1                 # ceil(sqrt(n)): the fewest rows
-    if budget_rows * budget_rows < 4 * n:
-        return max(1, root)
-    m = max(1, int((budget_rows - math.sqrt(budget_rows * budget_rows - 4 * n)) / 2))
-    while m < root and -(-n // m) + m > budget_rows:    # a few steps at most
-        m += 1
-    return m
 
 
 def library_clustering(c: ClusteringConfig, entity_bias_column: int | None) -> ClusteringConfig:

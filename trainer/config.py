@@ -91,7 +91,7 @@ class EmbeddingConfig:
     """Which entity embedding collection: CEL or a baseline. Per-feature budgets of the
     baselines are keyed `users` / `items`."""
 
-    method: Literal["cel", "full", "hash", "qr"] = "cel"
+    method: Literal["cel", "full", "hash", "qr", "sparse", "cce", "cerp"] = "cel"
     hash_buckets: dict[str, int] = field(default_factory=dict)
     qr_collisions: dict[str, int] = field(default_factory=dict)
     # > 0: every table with at least `min_cardinality` rows is compressed by `method` to about
@@ -101,6 +101,15 @@ class EmbeddingConfig:
     # `cel.users` / `cel.items`
     compression: float = 0.0
     min_cardinality: int = 1000
+    # sparse | cce | cerp (`cel_torchrec.modules.compact`; sized by `compression` only).
+    # cce: column chunks (halved until two tables of >= 1 row fit the budget next to the int32
+    # maps) and the fraction of training its per-epoch k-means runs in (the paper's 75%)
+    cce_chunks: int = 4
+    cce_until: float = 0.75
+    # cerp: meta tables before pruning, in multiples of the budget's rows; the weight of the
+    # regulariser that makes an id's two meta rows' non-zeros complementary
+    cerp_dense_factor: float = 2.0
+    cerp_reg: float = 1e-3
 
 
 @dataclass(frozen=True)

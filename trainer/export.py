@@ -123,21 +123,28 @@ def table_parts(emb: torch.nn.Module, table: str, feature: str, rows: int, index
             arrays["entity_bias"] = emb.entity_biases[table].detach().cpu().numpy().astype(np.float32)
             spec["bias_column"] = int(cfg.entity_bias_column)
         return spec, arrays
-    inner = getattr(emb, "_embedding_bag_collection", emb)
-    bags = inner.embedding_bags
-    if isinstance(emb, HashedEmbeddingBagCollection) and table in emb._buckets:
+    compact = table in getattr(emb, "compressed_tables", lambda: ())()
+    if compact:                     # sparse / CCE / CERP: the collection writes its own arrays
+        spec, arrays = emb.export_table(table)
+    elif hasattr(emb, "params"):    # a compact collection's full table
+        spec, arrays = {"kind": "full"}, {"weight": emb.params[table].detach().cpu().numpy()}
+    elif isinstance(emb, HashedEmbeddingBagCollection) and table in emb._buckets:
+        bags = emb._embedding_bag_collection.embedding_bags
         spec = {"kind": "hash", "buckets": int(emb._buckets[table]), "salt": int(index)}
         arrays = {"weight": bags[table].weight.detach().cpu().numpy()}
     elif isinstance(emb, QREmbeddingBagCollection) and table in emb._collisions:
+        bags = emb._embedding_bag_collection.embedding_bags
         spec = {"kind": "qr", "collisions": int(emb._collisions[table]), "combine": emb._combine}
         arrays = {"quotient": bags[f"{table}__q"].weight.detach().cpu().numpy(),
                   "remainder": bags[f"{table}__r"].weight.detach().cpu().numpy()}
     else:
+        bags = getattr(emb, "_embedding_bag_collection", emb).embedding_bags
         spec = {"kind": "full"}
         arrays = {"weight": bags[table].weight.detach().cpu().numpy()}
     from trainer.serving import lookup_rows
     torch_arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    total = torch.zeros(arrays[next(iter(arrays))].shape[1], dtype=torch.float64)
+    total = torch.zeros(lookup_rows(spec, torch_arrays, torch.zeros(1, dtype=torch.long)).shape[1],
+                        dtype=torch.float64)
     for start in range(0, rows, CHUNK):          # the mean row, O(N) in chunks
         ids = torch.arange(start, min(rows, start + CHUNK))
         total += lookup_rows(spec, torch_arrays, ids).double().sum(0)

@@ -250,6 +250,7 @@ class TrainRecipe:
             self.epoch += 1
             if self.cfg.cel.interval_unit == "epoch":
                 self._cluster_phases(self.epoch)
+            self._method_epoch_end()
             self.train_seconds += time.perf_counter() - t_start   # evaluation is not counted
             val = self._log_eval(extra={"train_loss_epoch": float(epoch_loss) / max(epoch_batches, 1)})
             self.save_checkpoint(report_metrics=val)
@@ -272,15 +273,38 @@ class TrainRecipe:
             loss = losses.mean()
         if self.cfg.train.l2:
             loss = loss + self.cfg.train.l2 * sum((e * e).sum(1).mean() for e in embs.values())
+        penalty = self.method_hook("penalty")            # CERP's regulariser
+        if penalty is not None:
+            loss = loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.method_hook("after_step", self.step + 1)    # CERP's budget mask refresh
         if self.cel is not None:
             self.cel.observe_losses(losses.detach())
         if self.recent is not None:          # CEL-Lite scores on the batches since the last pass
             self.recent.add(*(self.retrieval.pointwise(*seen) if self.retrieval is not None
                               else (kjt, dense, label)))
         return loss.detach()
+
+    def method_hook(self, name: str, *args):
+        """Call the embedding collection's hook `name` where it has one (the compact methods'
+        `penalty`, `after_step`, `after_epoch`: `cel_torchrec.modules.compact`); else None."""
+        fn = getattr(getattr(self.emb, "module", self.emb), name, None)
+        return fn(*args) if fn is not None else None
+
+    def _method_epoch_end(self) -> None:
+        """The collection's epoch-end step (CCE's clustering), timed and logged as a phase."""
+        t0 = time.perf_counter()
+        report = self.method_hook("after_epoch", self.epoch, self.cfg.train.epochs, self.optimizer)
+        if report:
+            seconds, kind = time.perf_counter() - t0, f"{self.cfg.embedding.method}_epoch_end"
+            self._phase_totals[f"{kind}_seconds"] = self._phase_totals.get(f"{kind}_seconds", 0.0) + seconds
+            if self.env.is_main:
+                with open(self.jsonl_phases, "a") as f:
+                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "kind": kind,
+                                        "table": ",".join(report), "seconds": seconds,
+                                        "detail": report}) + "\n")
 
     def _epoch_steps(self) -> int:
         """Training steps per epoch (every rank takes the same number)."""

@@ -49,6 +49,9 @@ def lookup_rows(spec: dict, arrays: Mapping[str, torch.Tensor], ids: torch.Tenso
         m = spec["collisions"]
         q, r = arrays["quotient"][ids // m], arrays["remainder"][ids % m]
         return q * r if spec["combine"] == "mult" else q + r
+    if kind in ("sparse", "cce", "cerp"):
+        from cel_torchrec.modules.compact import lookup_exported
+        return lookup_exported(spec, arrays, ids)
     raise ValueError(f"unknown table kind {kind!r} in the export")
 
 

@@ -72,6 +72,10 @@ def fused_obstacles(cfg, device: torch.device, collection: torch.nn.Module,
                    f"torch's weight decay (use train.l2, the penalty on the batch's embeddings)")
     if len(getattr(collection, "entity_biases", ()) or ()):
         out.append("cel.<table>.entity_bias: the sharded collection has no per-entity bias")
+    if cfg.embedding.method in ("cce", "cerp"):
+        out.append(f"embedding.method={cfg.embedding.method}: its tables are composed from "
+                   f"plain torch parameters (small by design), not a TorchRec EBC, and its "
+                   f"phases rewrite them; it runs on one process")
     if world_size == 1 and cfg.dist.sharding == "data_parallel":
         out.append("dist.sharding=data_parallel: data-parallel tables are dense parameters "
                    "stepped by the torch optimizer")

@@ -59,7 +59,13 @@ def _raw(model: ServingModel, feature: str, dense_ids: np.ndarray) -> list[str]:
      {"user_id": "hash", "item_id": "hash"}, "sharded"),
     (["embedding.method=qr", "embedding.compression=4", "embedding.min_cardinality=100",
       "train.optimizer=adam"], {"user_id": "qr", "item_id": "qr"}, "torch"),
-], ids=["cel-dcp", "cel-bias-torch", "full", "hash", "qr"])
+    (["embedding.method=sparse", "embedding.compression=4", "embedding.min_cardinality=250"],
+     {"user_id": "sparse", "item_id": "full"}, "sharded"),
+    (["embedding.method=cce", "embedding.compression=4", "embedding.min_cardinality=100",
+      "embedding.cce_until=1.0"], {"user_id": "cce", "item_id": "cce"}, "torch"),
+    (["embedding.method=cerp", "embedding.compression=8", "embedding.min_cardinality=100"],
+     {"user_id": "cerp", "item_id": "cerp"}, "torch"),
+], ids=["cel-dcp", "cel-bias-torch", "full", "hash", "qr", "sparse", "cce", "cerp"])
 def test_export_scores_equal_the_trained_models(tmp_path, extra, kinds, tables):
     recipe = _trained(tmp_path, *extra)
     assert recipe._tables_tag() == tables
@@ -67,6 +73,9 @@ def test_export_scores_equal_the_trained_models(tmp_path, extra, kinds, tables):
     manifest = export_run(recipe.run_dir, tmp_path / "export")
     recipe.cleanup()
     assert {f: s["kind"] for f, s in manifest["features"].items()} == kinds
+    if any(k in ("sparse", "cce", "cerp") for k in kinds.values()):
+        # the bytes the run reports are the bytes its export stores (indices, maps, row pointers)
+        assert manifest["embedding_bytes"] == recipe.embedding_bytes
     assert manifest["training_commit"] == recipe.commit and manifest["step"] == recipe.step
     files = manifest["files"]
     for f, spec in manifest["features"].items():      # shapes and bytes as written
