@@ -157,7 +157,7 @@ def quality_vs_bytes(data: dict, source: Source, out_dir: str | pathlib.Path,
         ax.set_title(" / ".join(str(x) for x in (dataset, model) if x) or source.name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method", title_fontsize=8)
-    bars = (f" (bars: +-{source.spread}" + (f", dots: {source.samples}" if source.samples else "")
+    bars = (f" (bars: ±{source.spread}" + (f", dots: {source.samples}" if source.samples else "")
             + ")") if source.spread and any(r.get(source.spread) is not None for r in records) else ""
     fig.suptitle(f"{source.name}: {source.label} vs {nbytes.replace('_', ' ')}{bars}")
     where = data.get("device") or data.get("machine", "")
