@@ -45,9 +45,8 @@ from bench.common import print_table, write_results
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# The default of --methods. Add new `embedding.method` values here (e.g. cce, cerp, sparse) once
-# trainer/config.py and trainer/builders.py accept them with `embedding.compression`.
-METHODS = "cel,full,hash,qr"
+# The default of --methods: every `embedding.method` that `embedding.compression` sizes
+METHODS = "cel,full,hash,qr,cce,cerp,sparse"
 RATIO_BUDGETS = ("4x", "16x", "64x")
 ROW_BUDGETS = ("256", "1024", "4096")
 LARGE_ROWS = 2 * 4096          # users + items above which the row budgets run by default
