@@ -1,7 +1,8 @@
 """ELSA (Vancura, Alves, Kasalicky, Kordik: "Scalable Linear Shallow Autoencoder for
 Collaborative Filtering", RecSys 2022) as a retrieval model on implicit feedback, with its item
 embeddings from any collection of `trainer.builders.build_embedding_collection`
-(`embedding.method`: full, cel, hash, qr, and any method added there later).
+(`embedding.method`: full, cel, hash, qr, sparse, cce, cerp; the compact methods' `penalty`,
+`after_step` and `after_epoch` hooks are called as trainer.loop calls them).
 
 Model (the paper's Section 3, written from its description). An item matrix `A` (items x d),
 rows L2-normalised: `A^ = diag(1 / ||A_i||) A`. For a user with binary interaction row `x`,
@@ -318,6 +319,12 @@ def load_positives(data: pathlib.Path, split: str, num_users: int, num_items: in
 
 
 def train(cfg: ElsaConfig) -> dict:
+    """Train, evaluate every epoch, write the run directory; the final metrics."""
+    return fit(cfg)[0]
+
+
+def fit(cfg: ElsaConfig) -> tuple[dict, torch.nn.Module]:
+    """`train`, also returning the trained embedding collection."""
     cfg.check()
     from data_pipeline.dataset import load_meta, load_train_counts
     from trainer.builders import build_embedding_collection
@@ -372,9 +379,12 @@ def train(cfg: ElsaConfig) -> dict:
             scores, x, _ = batch_forward(emb, rows, cols, chunk.size, n_items, device)
             per_user = elsa_loss(scores, x)
             loss = per_user.mean()
+            penalty = _hook(emb, "penalty")          # the compact methods' hooks (CERP, CCE)
+            objective = loss if penalty is None else loss + penalty
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
+            _hook(emb, "after_step", step + 1)
             total += float(loss.detach()) * chunk.size
             step += 1
             if cel is not None:
@@ -382,6 +392,7 @@ def train(cfg: ElsaConfig) -> dict:
                 _phases(cel, schedule, step, cfg, optimizer, generator, phase_seconds,
                         lambda: phase_batches(cel, indptr, indices, n_items,
                                               cfg.reassign_negatives, phase_rng, device))
+        _hook(emb, "after_epoch", epoch + 1, cfg.epochs, optimizer)
         train_seconds += time.perf_counter() - t0
         val = ranking_metrics(emb, evaluator, indptr, indices, n_users, n_items, device)
         record = {"epoch": epoch + 1, "step": step, "train_loss": total / max(active.size, 1),
@@ -404,7 +415,7 @@ def train(cfg: ElsaConfig) -> dict:
                "steps": step, "epochs": cfg.epochs}
     (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
     print(f"[elsa] run dir {run_dir}", flush=True)
-    return metrics
+    return metrics, emb
 
 
 def _phases(cel, schedule, step, cfg, optimizer, generator, seconds, make_batches) -> None:
@@ -420,6 +431,12 @@ def _phases(cel, schedule, step, cfg, optimizer, generator, seconds, make_batche
                           generator=generator, keep_prob=cfg.keep_prob, optimizer=optimizer,
                           mode="exact")
         seconds["reassign"] += time.perf_counter() - t0
+
+
+def _hook(emb, name: str, *args):
+    """The collection's hook `name` where it has one (as trainer.loop's `method_hook`)."""
+    fn = getattr(emb, name, None)
+    return fn(*args) if fn is not None else None
 
 
 def _cluster_counts(cel) -> dict:
