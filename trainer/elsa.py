@@ -301,7 +301,10 @@ def train_config(cfg: ElsaConfig):
     from trainer.config import TrainConfig, apply_overrides
     base = TrainConfig.from_dict({
         "model": {"name": "two_tower", "embedding_dim": cfg.dim, "init_std": cfg.init_std},
-        "embedding": {"method": cfg.method, "compression": cfg.compression},
+        # min_cardinality 2: --compression always reaches the item table (the trainer's default
+        # 1,000 would leave a small catalogue full); the unused 1-row user table stays out
+        "embedding": {"method": cfg.method, "compression": cfg.compression,
+                      "min_cardinality": 2},
         "cel": {"items": {"enabled": True, "max_clusters": cfg.clusters,
                           "splits_per_event": cfg.splits_per_event},
                 "users": {"enabled": False, "max_clusters": 1}},
