@@ -4,7 +4,7 @@ embeddings from any collection of `trainer.builders.build_embedding_collection`
 (`embedding.method`: full, cel, hash, qr, sparse, cce, cerp; the compact methods' `penalty`,
 `after_step` and `after_epoch` hooks are called as trainer.loop calls them).
 
-Model (the paper's Section 3, written from its description). An item matrix `A` (items x d),
+Model (written from the paper's description). An item matrix `A` (items x d),
 rows L2-normalised: `A^ = diag(1 / ||A_i||) A`. For a user with binary interaction row `x`,
 
     scores  x^ = x A^ A^T - x
@@ -14,9 +14,10 @@ have unit norm, so an item never predicts itself). Loss: the paper's normalised 
 
     L = mean over the batch's users of || x^ / ||x^||  -  x / ||x|| ||^2
 
-(the squared distance of the two directions, `2 - 2 cos(x^, x)`; a constant factor, e.g. torch's
-`mse_loss` dividing by the catalogue size as in the authors' release, does not change the
-optimum, and Adam(W) is invariant to it), minimised over user batches with Adam / AdamW.
+(the squared distance of the two directions, `2 - 2 cos(x^, x)`; a constant factor, such as a
+mean over the catalogue's entries instead of the sum, does not change the optimum, and Adam(W)
+is nearly invariant to it), minimised over user batches with AdamW (the paper trains with an
+Adam variant; weight decay 0 by default).
 
 How it is computed here, per batch of users: the batch's interactions (every training row with
 label > 0 is a positive, repeated pairs once) and the whole catalogue go through the collection
