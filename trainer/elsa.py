@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from cel_torchrec.phases import (REASSIGN, SPLIT, ClusterSchedule, Ranks, run_reassignments,
                                  run_split)
+from trainer.loop import _jsonable
 from trainer.models import ITEM, USER
 from trainer.retrieval import RankingEvaluator, _csr, _pair_kjt, _read_pairs, _rows_of
 
@@ -447,10 +448,6 @@ def _cluster_counts(cel) -> dict:
     if cel is None:
         return {}
     return {"num_clusters_items": cel.cluster_states["item"].num_active}
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -185,6 +185,22 @@ class SparseEmbeddingBagCollection(nn.Module):
                 {"values": values.numpy(), "indices": idx.numpy().astype(_index_dtype(weight.shape[1]))})
 
 
+class _ComposedCollection(nn.Module):
+    """Shared shape of CCE and CERP: each id feature's rows come from `rows(table, ids)`, then
+    sum-pooled per bag (one id per bag for user / item / categorical features)."""
+
+    _feature_table: dict
+
+    def rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        out = [_pool(self.rows(self._feature_table[key], jt.values()), jt.lengths(), features.stride())
+               for key, jt in features.to_dict().items()]
+        return KeyedTensor(keys=features.keys(), length_per_key=[v.shape[1] for v in out],
+                           values=torch.cat(out, dim=1))
+
+
 # --------------------------------------------------------------------------- CCE
 @dataclasses.dataclass(frozen=True)
 class CCEShape:
@@ -194,7 +210,7 @@ class CCEShape:
     rows: int
 
 
-class CCEEmbeddingBagCollection(nn.Module):
+class CCEEmbeddingBagCollection(_ComposedCollection):
     """CCE (Tsang & Ahle 2023). A table's columns are split into `chunks`; chunk c has two small
     tables T1_c, T2_c of `rows` rows, and an id's chunk vector is T1_c[h1_c(id)] + T2_c[h2_c(id)].
     h1_c starts as a hash and is stored as an int32 map; h2_c is a salted hash (its salt is all
@@ -255,14 +271,6 @@ class CCEEmbeddingBagCollection(nn.Module):
         return torch.cat([self.params[f"{table}__cce{c}_a"][maps[c][ids].long()]
                           + self.params[f"{table}__cce{c}_b"][salted_hash(ids, rows, salts[c])]
                           for c in range(self._shapes[table].chunks)], dim=1)
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        out = []
-        for key, jt in features.to_dict().items():
-            out.append(_pool(self.rows(self._feature_table[key], jt.values()), jt.lengths(),
-                             features.stride()))
-        return KeyedTensor(keys=features.keys(), length_per_key=[v.shape[1] for v in out],
-                           values=torch.cat(out, dim=1))
 
     def embedding_bytes(self) -> int:
         total = 0
@@ -368,7 +376,7 @@ class CERPShape:
     nonzeros: int
 
 
-class CERPEmbeddingBagCollection(nn.Module):
+class CERPEmbeddingBagCollection(_ComposedCollection):
     """CERP (Liang et al. 2023): an id's row is P'[id % m] + Q'[id // m], the sum of two meta
     tables, each pruned by a learnable soft threshold W' = sign(W) * relu(|W| - sigmoid(S) * g)
     (S per table and column, starting at `threshold_init`; g = `threshold_scale`), with a
@@ -460,11 +468,8 @@ class CERPEmbeddingBagCollection(nn.Module):
         return p + q
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        self._penalty = None
-        out = [_pool(self.rows(self._feature_table[key], jt.values()), jt.lengths(), features.stride())
-               for key, jt in features.to_dict().items()]
-        return KeyedTensor(keys=features.keys(), length_per_key=[v.shape[1] for v in out],
-                           values=torch.cat(out, dim=1))
+        self._penalty = None             # `rows` adds this batch's regulariser terms
+        return super().forward(features)
 
     def penalty(self) -> torch.Tensor | None:
         """The complementarity regulariser of the last training forward (None outside training)."""
