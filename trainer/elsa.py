@@ -138,9 +138,9 @@ def _uncount_catalogue(emb, num_items: int) -> None:
     states = getattr(emb, "cluster_states", None)
     if states is None or not (emb.training and torch.is_grad_enabled()):
         return
-    for table in emb.clustered_tables:
-        if table == "item":
-            states[table].entity_interactions.sub_(1)
+    if "item" in emb.clustered_tables:
+        catalogue = torch.arange(num_items, device=states["item"].entity_interactions.device)
+        states["item"].count_interactions(catalogue, sign=-1)
 
 
 # ----------------------------------------------------------------------------- CEL phases

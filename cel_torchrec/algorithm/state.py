@@ -82,15 +82,24 @@ class ClusterState(nn.Module):
             self._interactions_key = self._counts_key()
         return self._cluster_interactions
 
-    def count_interactions(self, entity_ids: torch.Tensor) -> None:
+    def count_interactions(self, entity_ids: torch.Tensor, sign: int = 1) -> None:
         """Add one observed training interaction per occurrence in `entity_ids` (batch-sized
-        work: the per-cluster counters are updated in place)."""
+        work: the per-cluster counters are updated in place). `sign=-1` takes such counts back,
+        for lookups that are no interactions (ELSA's catalogue rows in a training lookup); a
+        count never goes below zero."""
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be 1 or -1, got {sign}")
         ids = entity_ids.long()
         fresh = self._interactions_key == self._counts_key()
-        self.entity_interactions.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        delta = torch.full_like(ids, sign, dtype=torch.int32)
+        self.entity_interactions.index_add_(0, ids, delta)
+        if sign < 0 and ids.numel() and int(self.entity_interactions.index_select(0, ids).min()) < 0:
+            self.entity_interactions.index_add_(0, ids, -delta)      # undo, then refuse
+            raise ValueError("count_interactions(sign=-1) would take back more interactions than "
+                             "an entity holds")
         if fresh:
             self._cluster_interactions.index_add_(0, self.assignment.index_select(0, ids).long(),
-                                                  torch.ones_like(ids))
+                                                  delta.long())
             self._interactions_key = self._counts_key()
 
     def move_entities(self, entities: torch.Tensor, to: torch.Tensor) -> None:

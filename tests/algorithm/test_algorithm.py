@@ -59,6 +59,25 @@ def test_remap_and_counters():
     assert state.member_counts().tolist() == [3, 2, 1, 0]
 
 
+def test_counts_taken_back_keep_the_cluster_counters_current():
+    state = ClusterState(num_entities=6, max_clusters=4, init_clusters=1)
+    state.assignment.copy_(torch.tensor([0, 0, 1, 1, 1, 2], dtype=torch.int32))
+    state.num_active = 3
+    state.count_interactions(torch.tensor([5, 2, 2, 0, 3]))
+    assert state.interaction_counts().tolist() == [1, 3, 1, 0]       # the cache is now fresh
+    state.count_interactions(torch.tensor([2, 5]), sign=-1)
+    assert state.entity_interactions.tolist() == [1, 0, 1, 1, 0, 0]
+    key = state._interactions_key
+    assert state.interaction_counts().tolist() == [1, 2, 0, 0]
+    assert state._interactions_key == key                            # updated, not rebuilt
+    with pytest.raises(ValueError, match="more interactions than an entity holds"):
+        state.count_interactions(torch.tensor([0, 0]), sign=-1)
+    assert state.entity_interactions.tolist() == [1, 0, 1, 1, 0, 0]  # refused as a whole
+    assert state.interaction_counts().tolist() == [1, 2, 0, 0]
+    with pytest.raises(ValueError, match="sign"):
+        state.count_interactions(torch.tensor([0]), sign=2)
+
+
 def test_init_clusters_balanced_and_nonempty():
     g = torch.Generator().manual_seed(0)
     state = ClusterState(num_entities=103, max_clusters=10, init_clusters=7, generator=g)
