@@ -8,7 +8,8 @@ Part `rating` (explicit ratings, the reference split, MF): CEL@50 at its tuned c
 tuned settings, each over `SEEDS`: best-epoch validation RMSE, mean and spread.
 
 Part `retrieval` (every rating a positive, the reference split, MF + in-batch sampled softmax):
-CEL with 50, 100 and 200 item clusters and the full table, at the grid points that
+CEL with 50, 100 and 200 item clusters, with the most clusters 10x fewer item-side bytes
+allow, and the full table, at the grid points that
 bench/retrieval_bench.py picked (CEL lr 0.02 / l2 0.02, full lr 0.01 / l2 0.08; 24 epochs):
 best-epoch validation recall@20 against the cluster count and item-side bytes.
 
@@ -39,7 +40,7 @@ RATING_VARIANTS = [                 # (name, item clusters, overrides beyond the
     ("full", None, ["embedding.method=full", *BASELINE_SETTINGS["mf"]]),
 ]
 RETRIEVAL_EPOCHS = 24
-RETRIEVAL_VARIANTS = [
+RETRIEVAL_VARIANTS = [             # plus "cel at 10x": the most clusters 10x fewer bytes allow
     ("cel-50", 50, ["train.lr=0.02", "train.l2=0.02"]),
     ("cel-100", 100, ["train.lr=0.02", "train.l2=0.02"]),
     ("cel-200", 200, ["train.lr=0.02", "train.l2=0.02"]),
@@ -63,6 +64,18 @@ def _dim(overrides: list[str]) -> int:
         if o.startswith("model.embedding_dim="):
             return int(o.split("=", 1)[1])
     return 32
+
+
+def clusters_at_10x(num_items: int) -> int:
+    """The most CEL item clusters whose item-side bytes are <= 1/10 of the full table's."""
+    full_bytes = _item_bytes(None, num_items)
+    return max(1, (full_bytes // 10 - num_items * 8) // (table_width("mf") * 4))
+
+
+def retrieval_variants(num_items: int) -> list[tuple[str, int | None, list[str]]]:
+    k = clusters_at_10x(num_items)
+    return [*RETRIEVAL_VARIANTS[:1], (f"cel-{k} (10x)", k, list(RETRIEVAL_VARIANTS[0][2])),
+            *RETRIEVAL_VARIANTS[1:]]
 
 
 def rating_part(data: pathlib.Path, num_items: int, seeds: list[int], epochs: int | None,
@@ -110,12 +123,13 @@ def retrieval_part(data: pathlib.Path, num_items: int, epochs: int, jobs: int) -
             extra = [*ov, f"train.epochs={epochs}"]
             if k is not None:
                 extra.append(f"cel.items.max_clusters={k}")
-            m = run_retrieval(data, pathlib.Path(tmp), name.replace(" ", "_"), extra)
+            tag = name.split(" ")[0]
+            m = run_retrieval(data, pathlib.Path(tmp), tag, extra)
             print(f"[bench] retrieval {name}: best recall@20 {m['best']['recall_at_20']:.4f} "
                   f"(epoch {m.get('best_epoch')})", flush=True)
             return variant, m
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(one, RETRIEVAL_VARIANTS))
+            results = list(pool.map(one, retrieval_variants(num_items)))
     records = []
     for (name, k, ov), m in results:
         item_bytes = _item_bytes(k, num_items)
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print_table(retrieval, RETRIEVAL_TABLE)
         records += retrieval
     full_bytes = _item_bytes(None, num_items)
-    ten_x = (full_bytes // 10 - num_items * 8) // (table_width("mf") * 4)
+    ten_x = clusters_at_10x(num_items)
     print(f"\n[bench] at 10x fewer item-side bytes ({full_bytes // 10:,} B) CEL affords "
           f"{ten_x} clusters (int32 map + float32 bias per item); targets: RMSE <= "
           f"{SURPRISE_SVD_RMSE}, recall@20 >= 0.95 of full")

@@ -51,6 +51,9 @@ COLUMNS["retrieval"] = ["method", "item_clusters", "item_side_bytes", "compressi
 COLUMNS["compression"] = ["dataset", "method", "budget", "target_compression", "compression",
                           "embedding_bytes", "auc", "auc_std", "auc_min", "auc_max",
                           "auc_minus_full", "seeds", "lr", "l2", "best_epochs", "train_time_s"]
+COLUMNS["cel_headroom"] = ["part", "variant", "item_clusters", "item_side_bytes", "compression",
+                           "seeds", "best_val_rmse_mean", "best_val_rmse_std", "best_val_rmse_min",
+                           "vs_target", "best_epoch", "recall_at_20", "vs_full_recall_at_20"]
 COLUMNS["scale_1e6"] = COLUMNS["scale_1e7"] = COLUMNS["scale"]   # the big sizes, run on their own
 SKIP = {"note", "args"}
 
