@@ -16,7 +16,11 @@ function takes `env` (anything with `rank`, `world_size` and `distributed`, defa
 current `torch.distributed` group, or one process): multi-process runs reduce each entity's
 scores to an owner rank and return the same decision on every rank. Models linear in an
 entity's embedding may expose `linear_form(pooled, dense, feature) -> (x, const)` with
-`pred = x . e + const`, which scores candidates with one product and skips autograd."""
+`pred = x . e + const`, which scores candidates with one product and skips autograd. Models
+that can score many candidate rows at once without repeating the batch (a nonlinear function
+of a product, like ELSA's phase model) may expose `candidate_predictions(pooled, dense,
+feature, candidates) -> [b, K]` for candidates `[K, D]` (shared) or `[b, K, D]` (per sample);
+exact reassignment then skips the `b * K`-row forward."""
 from __future__ import annotations
 
 import time
@@ -104,6 +108,13 @@ def candidate_losses(model, embs: dict, dense, label: torch.Tensor, feature: str
     per_sample = candidates.dim() == 3
     k = candidates.shape[-2]
     linear = getattr(model, "linear_form", None)
+    batched = getattr(model, "candidate_predictions", None)
+    if linear is None and batched is not None:
+        cands = candidates
+        if offsets is not None:
+            cands = (cands if per_sample else cands[None].expand(b, -1, -1)) + offsets[:, None, :]
+        pred = batched(embs, dense, feature, cands)
+        return per_sample_loss(pred, label[:, None].expand(b, k), loss)
     if linear is not None:
         x, const = linear(embs, dense, feature)
         width = x.shape[1]

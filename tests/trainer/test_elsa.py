@@ -124,6 +124,36 @@ def test_phase_scorer_is_the_elsa_loss_with_one_column_moved():
     assert n_pos == x.sum() and n_neg > 0
 
 
+def test_batched_candidate_scores_equal_one_forward_per_candidate():
+    """ElsaPhaseModel.candidate_predictions (the library's batched hook) gives, for shared and
+    per-sample candidates and with per-entity offsets, what the repeated-batch forward gives."""
+    from cel_torchrec.phases import candidate_losses
+    torch.manual_seed(0)
+    b, k, d = 6, 4, 5
+    model = elsa.ElsaPhaseModel()
+    dense = torch.cat([torch.randn(b, d), torch.rand(b, 1), torch.rand(b, 1) + 1,
+                       torch.rand(b, 1) + 0.1, (torch.rand(b, 1) < 0.5).float(),
+                       torch.rand(b, 1) + 0.5], 1)
+    label = torch.zeros(b)
+    shared, per = torch.randn(k, d), torch.randn(b, k, d)
+    offsets = torch.randn(b, d)
+
+    class Plain(torch.nn.Module):           # the same model without the hook
+        def forward(self, pooled, dense):
+            return model(pooled, dense)
+
+    pooled = {ITEM: torch.randn(b, d)}
+    for cands in (shared, per):
+        for off in (None, offsets):
+            got = candidate_losses(model, pooled, dense, label, ITEM, "mse", cands, off)
+            want = candidate_losses(Plain(), pooled, dense, label, ITEM, "mse", cands, off)
+            assert got.shape == (b, k)
+            assert torch.allclose(got, want, atol=1e-6)
+    rows = shared[None].expand(b, k, d)
+    one = torch.stack([model({ITEM: rows[:, c]}, dense) for c in range(k)], 1)
+    assert torch.allclose(model.candidate_predictions(pooled, dense, ITEM, shared), one, atol=1e-6)
+
+
 def _untrained_recall(data, cfg) -> float:
     from data_pipeline.dataset import load_meta
     meta = load_meta(data)
