@@ -25,6 +25,7 @@ bench: venv
 	$(PY) -m bench.quality_ml100k --lite
 	$(PY) -m bench.surprise_peers
 	$(PY) -m bench.retrieval_bench
+	$(PY) -m bench.cel_headroom
 	$(PY) -m bench.elsa_bench
 	$(PY) -m bench.compact_scale
 	$(PY) -m bench.compression_bench
