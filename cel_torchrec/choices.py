@@ -16,6 +16,7 @@ ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_column_wi
                        "data_parallel"]
 BatchScope = Literal["global", "local"]                    # where `batch` averaging counts members
 Bags = Literal["auto", "multi_hot"]                        # how a clustered feature's bags are read
+MapDtype = Literal["int32", "auto"]                        # the assignment map's integer width
 
 GRAD_AVERAGES: tuple[str, ...] = get_args(GradAverage)
 SPLIT_CRITERIA: tuple[str, ...] = get_args(SplitCriterion)
@@ -27,3 +28,4 @@ LITE_SCORINGS: tuple[str, ...] = get_args(LiteScoring)
 SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
 BATCH_SCOPES: tuple[str, ...] = get_args(BatchScope)
 BAGS: tuple[str, ...] = get_args(Bags)
+MAP_DTYPES: tuple[str, ...] = get_args(MapDtype)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, fields
 
-from cel_torchrec.choices import (Bags, GradAverage, SplitCriterion, SplitGradient, SplitMethod,
-                                  UnseenPolicy)
+from cel_torchrec.choices import (Bags, GradAverage, MapDtype, SplitCriterion, SplitGradient,
+                                  SplitMethod, UnseenPolicy)
 
 
 def check_choices(cfg: object) -> None:
@@ -54,7 +54,11 @@ class ClusteringConfig:
     step on a host sync, a feature with as many ids as bags is taken as one-hot unread and the
     collection's `check_inputs()` (run by the phases, and by the trainer when it logs) raises
     if such a batch was not. `multi_hot`: always the per-id layout (for multi-hot features whose
-    batches can hold exactly as many ids as bags)."""
+    batches can hold exactly as many ids as bags).
+    `map_dtype`: the assignment map's integers. `int32` (4 bytes per entity, the spec's map), or
+    `auto`: the narrowest signed type that holds every cluster id of `max_clusters` (int8 up to
+    128 clusters, int16 up to 32,768, else int32). Stored so in training and in the serving
+    export, and counted so in `embedding_bytes`; lookups widen the batch's ids only."""
 
     max_clusters: int
     init_clusters: int = 1
@@ -69,6 +73,7 @@ class ClusteringConfig:
     window_rows: int | None = None
     split_gradient: SplitGradient = "sum"
     bags: Bags = "auto"
+    map_dtype: MapDtype = "int32"
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -119,10 +119,23 @@ def build_embedding_collection(cfg: TrainConfig, num_users: int, num_items: int,
     return emb
 
 
+def cel_clusters_for(n: int, row_bytes: int, ratio: float, map_dtype: str = "int32") -> int:
+    """The most CEL cluster rows (at most `n`) whose rows plus assignment map take at most
+    `n * row_bytes / ratio` bytes; 0 if none fit. `map_dtype=auto`: the map is as narrow as the
+    cluster count allows (int8 up to 128 clusters, int16 up to 32,768), the widest count wins."""
+    widths = [(1, 128), (2, 32768), (4, n)] if map_dtype == "auto" else [(4, n)]
+    best = 0
+    for width, most in widths:
+        rows = min(int((n * row_bytes / ratio - width * n) // row_bytes), most, n)
+        best = max(best, rows)
+    return max(best, 0)
+
+
 def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: int) -> dict:
     """`embedding.compression`: per table with at least `embedding.min_cardinality` rows, the
     size that brings its bytes to about `full / compression` under `embedding.method` (the
-    total byte budget split in proportion to cardinality): CEL clusters after its int32 map,
+    total byte budget split in proportion to cardinality): CEL clusters after its assignment map
+    (`cel.items.map_dtype`: int32, or as narrow as the clusters allow),
     hash buckets, QR's collision count `m` (a quotient table of `ceil(n / m)` rows plus a
     remainder table of `m`), sparse's non-zeros per row, CCE's `CCEShape` or CERP's
     `CERPShape` (`cel_torchrec.modules.compact`). Smaller tables are left out (full)."""
@@ -137,12 +150,15 @@ def compressed_rows(cfg: TrainConfig, specs: list[tuple[str, str, int]], dim: in
             continue
         budget_rows = n / ratio                       # full rows / ratio
         if e.method == "cel":
-            rows = int((n * row_bytes / ratio - 4 * n) // row_bytes)
+            maps = cfg.cel.items.map_dtype
+            rows = cel_clusters_for(n, row_bytes, ratio, maps)
             if rows < 1:
+                width = "an int8" if maps == "auto" else "an int32"
                 raise ValueError(f"embedding.compression={ratio:g} is out of CEL's reach for "
-                                 f"table {table!r}: its int32 assignment map alone is 1/{dim} "
-                                 f"of the full table's bytes")
-            out[table] = min(rows, n)
+                                 f"table {table!r}: {width} assignment map alone is "
+                                 f"1/{dim * (4 if maps == 'auto' else 1)} of the full table's "
+                                 f"bytes")
+            out[table] = rows
         elif e.method == "hash":
             out[table] = max(1, min(n, int(budget_rows)))
         elif e.method == "qr":

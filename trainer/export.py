@@ -11,7 +11,7 @@ process), and writes to DIR (atomically: DIR.tmp renamed over DIR):
                              table kind, files, shapes, dtypes, bytes and the unknown-id row
     model.pt                 the interaction model's weights (a state dict of tensors only)
     tables/<table>.*.npy     per table, what its kind needs:
-        clustered  assignment int32 [N], clusters float32 [C_active, D],
+        clustered  assignment int32 [N] (int8/int16 under map_dtype=auto), clusters float32 [C_active, D],
                    entity_bias float32 [N] (MF with cel.<table>.entity_bias)
         full       weight [N, D]
         hash       weight [buckets, D]        (row = hash_ids(id, buckets, salt))
@@ -111,7 +111,7 @@ def table_parts(emb: torch.nn.Module, table: str, feature: str, rows: int, index
     if isinstance(emb, ClusteredEmbeddingBagCollection) and table in emb.clustered_tables:
         st = emb.cluster_states[table]
         cfg = emb.clustering_config(table)
-        assignment = st.assignment.detach().cpu().numpy().astype(np.int32)
+        assignment = st.assignment.detach().cpu().numpy()      # its own dtype (map_dtype)
         clusters = emb.cluster_rows(table).cpu().numpy().astype(np.float32)
         new_cluster, rule = new_entity_cluster(assignment, train_counts, st.num_active,
                                                cfg.unseen_policy, cfg.cold_interactions)

@@ -9,7 +9,7 @@ from cel_torchrec.algorithm.schedule import (REASSIGN, SPLIT, ClusterSchedule, c
                                            reference_reassign_points)
 from cel_torchrec.algorithm.split import (SplitPlan, apply_split, choose_clusters, gpca_split,
                                           principal_directions, top_eigenvectors)
-from cel_torchrec.algorithm.state import ClusterState
+from cel_torchrec.algorithm.state import ClusterState, map_dtype_for
 from cel_torchrec.algorithm.window import SplitWindow
 
 __all__ = [
@@ -17,5 +17,5 @@ __all__ = [
     "remap_ids", "segment_sum", "segment_count", "segment_covariance", "cluster_grad_scale",
     "scatter_entity_grads", "choose_clusters", "principal_directions", "gpca_split", "apply_split",
     "accumulate_candidate_losses", "decide_reassignment", "decide_reassignment_from_best", "mf_sufficient_stats", "mf_loss_matrix",
-    "reference_reassign_points", "coverage_window_steps",
+    "reference_reassign_points", "coverage_window_steps", "map_dtype_for",
 ]

@@ -8,8 +8,22 @@ from torch import nn
 from cel_torchrec.algorithm.ops import segment_count
 
 
+def map_dtype_for(max_clusters: int, choice: str = "int32") -> torch.dtype:
+    """The assignment map's dtype: int32, or (`auto`) the narrowest signed integer type holding
+    every cluster id in `[0, max_clusters)`."""
+    if choice == "int32":
+        return torch.int32
+    if choice != "auto":
+        raise ValueError(f"map_dtype must be 'int32' or 'auto', got {choice!r}")
+    for dtype in (torch.int8, torch.int16):
+        if max_clusters - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int32
+
+
 class ClusterState(nn.Module):
-    """Assignment map (`int32[num_entities]`, values in `[0, num_active)`), active-cluster count,
+    """Assignment map (`int32[num_entities]` or a narrower signed type, `map_dtype`; values in
+    `[0, num_active)`), active-cluster count,
     capacity (`max_clusters`, rows of the cluster table) and per-entity interaction counters.
 
     Cluster-level counters (members, interactions) are cached and kept current incrementally:
@@ -21,8 +35,13 @@ class ClusterState(nn.Module):
     """
 
     def __init__(self, num_entities: int, max_clusters: int, init_clusters: int = 1,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None):
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 map_dtype: torch.dtype = torch.int32):
         super().__init__()
+        if map_dtype not in (torch.int8, torch.int16, torch.int32):
+            raise ValueError(f"map_dtype must be int8, int16 or int32, got {map_dtype}")
+        if max_clusters - 1 > torch.iinfo(map_dtype).max:
+            raise ValueError(f"a {map_dtype} map cannot hold {max_clusters} clusters")
         if num_entities <= 0:
             raise ValueError(f"num_entities must be positive, got {num_entities}")
         if not 1 <= init_clusters <= max_clusters:
@@ -38,7 +57,7 @@ class ClusterState(nn.Module):
             perm = torch.randperm(num_entities, generator=generator)
             assignment = torch.empty(num_entities, dtype=torch.int32)
             assignment[perm] = (torch.arange(num_entities) % init_clusters).to(torch.int32)
-        self.register_buffer("assignment", assignment.to(device))
+        self.register_buffer("assignment", assignment.to(device=device, dtype=map_dtype))
         self.register_buffer("num_active_t", torch.tensor(init_clusters, dtype=torch.int64))
         self.register_buffer("entity_interactions", torch.zeros(num_entities, dtype=torch.int32,
                                                                 device=device))

@@ -21,7 +21,7 @@ from cel_torchrec.choices import SPLIT_GRADIENTS, UNSEEN_POLICIES
 from cel_torchrec.config import ClusteringConfig
 from cel_torchrec.algorithm import (ClusterState, ReassignPlan, SplitPlan, SplitWindow,
                                     apply_split, choose_clusters, cluster_grad_scale, gpca_split,
-                                    remap_ids)
+                                    map_dtype_for, remap_ids)
 
 
 class ClusterStates(nn.Module):
@@ -93,7 +93,9 @@ class ClusterRemapper(nn.Module):
                                      f"supported (TorchRec's EmbeddingBag weighs SUM bags only)")
                 self.mean_pooled.add(t.name)
             self.states[t.name] = ClusterState(t.num_embeddings, cfg.max_clusters, cfg.init_clusters,
-                                               generator=generator, device=device)
+                                               generator=generator, device=device,
+                                               map_dtype=map_dtype_for(cfg.max_clusters,
+                                                                       cfg.map_dtype))
             for f in t.feature_names:
                 self.feature_to_table[f] = t.name
         self.always_multi_hot = {name for name, cfg in clustering.items() if cfg.bags == "multi_hot"}

@@ -322,3 +322,43 @@ def test_invariants_under_splits_and_reassignments(init, n, splits, seed, method
         rplan = decide_reassignment(state.assignment, m, seen, losses, keep_prob=0.31, generator=g)
         state.assignment.copy_(rplan.new_assignment)
         state.check_invariants()
+
+
+def test_narrow_maps_hold_every_cluster_id_and_count_their_own_bytes():
+    from cel_torchrec.algorithm import map_dtype_for
+    assert map_dtype_for(50) == torch.int32                          # the default keeps int32
+    assert map_dtype_for(128, "auto") == torch.int8
+    assert map_dtype_for(129, "auto") == torch.int16
+    assert map_dtype_for(32768, "auto") == torch.int16
+    assert map_dtype_for(32769, "auto") == torch.int32
+    with pytest.raises(ValueError, match="map_dtype"):
+        map_dtype_for(10, "uint8")
+    with pytest.raises(ValueError, match="cannot hold 200 clusters"):
+        ClusterState(num_entities=10, max_clusters=200, map_dtype=torch.int8)
+    state = ClusterState(num_entities=300, max_clusters=128, init_clusters=128,
+                         generator=torch.Generator().manual_seed(0), map_dtype=torch.int8)
+    assert state.assignment.dtype == torch.int8 and int(state.assignment.max()) == 127
+    state.move_entities(torch.tensor([0, 1]), torch.tensor([127, 126]))
+    assert state.assignment[:2].tolist() == [127, 126]
+    assert int(state.member_counts().sum()) == 300
+    state.check_invariants()
+
+
+def test_a_collection_with_narrow_maps_looks_up_and_counts_as_with_int32():
+    from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+    from cel_torchrec.modules import ClusteredEmbeddingBagCollection, ClusteringConfig
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=1000,
+                                 feature_names=["f"])]
+    out, sizes = [], []
+    for dtype in ("int32", "auto"):
+        torch.manual_seed(0)
+        emb = ClusteredEmbeddingBagCollection(
+            tables, {"t": ClusteringConfig(max_clusters=100, init_clusters=100, map_dtype=dtype)})
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([3, 999, 7, 0]),
+                                                  torch.ones(4, dtype=torch.int64))
+        out.append(emb(kjt).to_dict()["f"])
+        sizes.append(emb.embedding_bytes())
+        assert emb.cluster_states["t"].assignment.dtype == (torch.int32 if dtype == "int32"
+                                                            else torch.int8)
+    assert torch.equal(out[0], out[1])
+    assert sizes[0] - sizes[1] == 1000 * 3                           # 4 -> 1 byte per entity

@@ -251,7 +251,7 @@ def test_the_derived_entity_bias_column_is_no_config_key():
     assert set(d["cel"]["items"]) == {
         "enabled", "max_clusters", "init_clusters", "grad_average", "split_criterion",
         "split_method", "splits_per_event", "entity_bias", "unseen_policy", "cold_interactions",
-        "entity_bias_decay", "window_rows", "split_gradient", "bags"}
+        "entity_bias_decay", "window_rows", "split_gradient", "bags", "map_dtype"}
 
 
 def test_the_typed_config_loads_without_torch():

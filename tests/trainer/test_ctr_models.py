@@ -75,6 +75,32 @@ def test_compression_splits_the_byte_budget_by_cardinality():
                                         "embedding.compression=20"])
     with pytest.raises(ValueError, match="out of CEL's reach"):        # the map alone is 1/16
         compressed_rows(c, specs, 16)
+    # narrow maps: 20x fits (an int16 map is 1/32 of a 16-wide row), at the bytes asked for
+    c = apply_overrides(c, ["cel.items.map_dtype=auto"])
+    rows = compressed_rows(c, specs, 16)
+    emb = build_embedding_collection(c, 50_000, 20_000, torch.device("cpu"),
+                                     sparse_features={"sparse_a": 300})
+    assert {t: emb.cluster_states[t].assignment.dtype for t in rows} == {
+        t: (torch.int8 if k <= 128 else torch.int16) for t, k in rows.items()}
+    large = (50_000 + 20_000) * 16 * 4                   # sparse_a (300 rows) stays full
+    ratio = large / (emb.embedding_bytes() - 300 * 16 * 4)
+    assert 20.0 <= ratio < 20.5, ratio                 # within the budget, and close to it
+    with pytest.raises(ValueError, match="an int8 assignment map alone is 1/64"):
+        compressed_rows(apply_overrides(c, ["embedding.compression=80"]), specs, 16)
+
+
+def test_cel_clusters_fit_their_budget_with_the_widest_count():
+    from trainer.builders import cel_clusters_for
+    n, row = 1682, 128                                   # ML-100K items, 32 float32 columns
+    for ratio in (4, 16, 64):
+        for maps in ("int32", "auto"):
+            k = cel_clusters_for(n, row, ratio, maps)
+            width = 4 if maps == "int32" else (1 if k <= 128 else 2 if k <= 32768 else 4)
+            if k:
+                assert k * row + width * n <= n * row / ratio            # within the budget
+            assert (k + 1) * row + width * n > n * row / ratio or k == n  # and the most that fit
+    assert cel_clusters_for(n, row, 64) == 0 and cel_clusters_for(n, row, 64, "auto") == 13
+    assert cel_clusters_for(n, row, 16, "auto") == 91 > cel_clusters_for(n, row, 16) == 52
 
 
 def test_qr_collisions_fit_the_budget_or_take_the_fewest_rows():

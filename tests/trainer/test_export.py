@@ -65,11 +65,20 @@ def _raw(model: ServingModel, feature: str, dense_ids: np.ndarray) -> list[str]:
       "embedding.cce_until=1.0"], {"user_id": "cce", "item_id": "cce"}, "torch"),
     (["embedding.method=cerp", "embedding.compression=8", "embedding.min_cardinality=100"],
      {"user_id": "cerp", "item_id": "cerp"}, "torch"),
-], ids=["cel-dcp", "cel-bias-torch", "full", "hash", "qr", "sparse", "cce", "cerp"])
+    (["cel.items.map_dtype=auto", "cel.users.map_dtype=auto"],
+     {"user_id": "clustered", "item_id": "clustered"}, "sharded"),
+], ids=["cel-dcp", "cel-bias-torch", "full", "hash", "qr", "sparse", "cce", "cerp",
+        "cel-narrow-maps-dcp"])
 def test_export_scores_equal_the_trained_models(tmp_path, extra, kinds, tables):
     recipe = _trained(tmp_path, *extra)
     assert recipe._tables_tag() == tables
     users, items, labels, expected = _val(recipe)
+    states = getattr(recipe.emb, "cluster_states", None)
+    map_dtypes = {t: str(states[t].assignment.dtype).removeprefix("torch.")
+                  for t in (recipe.emb.clustered_tables if states is not None else [])}
+    narrow = any("map_dtype=auto" in e for e in extra)
+    if map_dtypes:      # the maps are stored as configured, and counted so
+        assert set(map_dtypes.values()) == ({"int8"} if narrow else {"int32"}), map_dtypes
     manifest = export_run(recipe.run_dir, tmp_path / "export")
     recipe.cleanup()
     assert {f: s["kind"] for f, s in manifest["features"].items()} == kinds
@@ -83,7 +92,7 @@ def test_export_scores_equal_the_trained_models(tmp_path, extra, kinds, tables):
             arr = np.load(tmp_path / "export" / rel)
             assert list(arr.shape) == files[rel]["shape"] and arr.nbytes == files[rel]["bytes"]
         if spec["kind"] == "clustered":
-            assert files[spec["files"]["assignment"]]["dtype"] == "int32"
+            assert files[spec["files"]["assignment"]]["dtype"] == ("int8" if narrow else "int32")
             assert files[spec["files"]["clusters"]]["shape"][0] == spec["num_clusters"]
     served = ServingModel(tmp_path / "export")
     # through raw ids and the vocabularies, as a user calls it
@@ -178,10 +187,12 @@ def test_cli_errors_exit_2(tmp_path):
 
 
 @pytest.mark.dist
-def test_export_of_a_two_process_sharded_run_reproduces_its_validation_rmse(tmp_path):
+@pytest.mark.parametrize("maps", ["int32", "auto"])
+def test_export_of_a_two_process_sharded_run_reproduces_its_validation_rmse(tmp_path, maps):
     torchrun = pathlib.Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer.main", "--config",
            str(ROOT / "configs/synthetic_small.yaml"), *TINY, "train.max_steps=12",
+           f"cel.items.map_dtype={maps}", f"cel.users.map_dtype={maps}",
            "dist.sharding=row_wise", f"run.dir={tmp_path / 'runs'}",
            f"data.cache_dir={tmp_path / 'cache'}", "run.name=tr"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -190,6 +201,11 @@ def test_export_of_a_two_process_sharded_run_reproduces_its_validation_rmse(tmp_
     run_dir = tmp_path / "runs" / "tr"
     manifest = export_run(run_dir, tmp_path / "export")
     assert manifest["world_size"] == 2
+    dtypes = {manifest["files"][spec["files"]["assignment"]]["dtype"]
+              for spec in manifest["features"].values()}
+    assert dtypes == ({"int8"} if maps == "auto" else {"int32"})
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "phases.jsonl").read_text().splitlines()]
+    assert "reassign" in kinds and "split" in kinds, kinds      # both collectives ran on the maps
     served = ServingModel(tmp_path / "export")
     val = ds.dataset(str(pathlib.Path(manifest["data_dir"]) / "val"), format="parquet").to_table()
     got = served.predict({"user_id": _raw(served, "user_id", val.column("user_id").to_numpy()),
