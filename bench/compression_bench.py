@@ -11,7 +11,8 @@ timestamp held out as validation (`prepare movielens --drop-ratings 3 --label-ki
 
 Budgets: `Nx` is N times fewer bytes than the full tables (`embedding.compression=N`, every table
 compressed, `embedding.min_cardinality=1`; each method sized by its own byte rule: CEL counts its
-int32 map, so it cannot reach N >= 32 at d = 32); a plain number `B` is the paper's B parameters
+int32 map, so it cannot reach N >= 32 at d = 32; `cel-narrow`, CEL with
+`cel.items.map_dtype=auto`, counts an int8 / int16 map); a plain number `B` is the paper's B parameters
 per dimension per table, matched in total (`embedding.compression = (users + items) / (2 B)`:
 the same total parameter count as two B-row tables, split between the tables in proportion to
 their rows; skipped where it does not compress). Default: 4x, 16x, 64x, plus 256, 1024, 4096
@@ -47,6 +48,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The default of --methods: every `embedding.method` that `embedding.compression` sizes
 METHODS = "cel,full,hash,qr,cce,cerp,sparse"
+# --methods names beyond embedding.method: CEL with its maps as narrow as its clusters allow
+VARIANTS = {"cel-narrow": ["embedding.method=cel", "cel.items.map_dtype=auto"]}
 RATIO_BUDGETS = ("4x", "16x", "64x")
 ROW_BUDGETS = ("256", "1024", "4096")
 LARGE_ROWS = 2 * 4096          # users + items above which the row budgets run by default
@@ -114,12 +117,16 @@ def default_budgets(num_users: int, num_items: int) -> list[str]:
     return [*RATIO_BUDGETS, *(ROW_BUDGETS if large else ())]
 
 
+def _method_overrides(method: str) -> list[str]:
+    return list(VARIANTS.get(method, [f"embedding.method={method}"]))
+
+
 def reach(method: str, ratio: float, num_users: int, num_items: int) -> str | None:
     """None if the trainer can size `method` at `ratio`, else why not (the builder's own rule)."""
     from trainer.builders import compressed_rows, table_specs
     from trainer.config import load_config
     from trainer.models import embedding_dim_for
-    cfg = load_config(None, [*COMMON, f"embedding.method={method}", f"embedding.compression={ratio}"])
+    cfg = load_config(None, [*COMMON, *_method_overrides(method), f"embedding.compression={ratio}"])
     try:
         compressed_rows(cfg, table_specs(cfg, num_users, num_items), embedding_dim_for(cfg.model))
     except ValueError as exc:
@@ -135,7 +142,7 @@ def plan(methods: list[str], budgets: list[str], num_users: int, num_items: int
     configs, left_out = [], []
     parsed = [parse_budget(b, num_users, num_items) for b in budgets]
     for method in methods:
-        load_config(None, [f"embedding.method={method}"])     # ConfigError: a method it lacks
+        load_config(None, _method_overrides(method))        # ConfigError: a method it lacks
         if method == "full":
             configs.append({"method": "full", "budget": "full", "target_compression": None,
                             "budget_rows_per_table": None, "overrides": ["embedding.method=full"]})
@@ -152,7 +159,7 @@ def plan(methods: list[str], budgets: list[str], num_users: int, num_items: int
                 print(f"[bench] {method} @ {b['budget']}: left out: {why}", flush=True)
                 continue
             configs.append({"method": method, **b, "overrides": [
-                f"embedding.method={method}", f"embedding.compression={ratio:.6g}"]})
+                *_method_overrides(method), f"embedding.compression={ratio:.6g}"]})
     return configs, left_out
 
 
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "lr": point["train.lr"], "l2": point["train.l2"], "epochs": epochs,
                "train_time_s": round(statistics.fmean(m.get("train_time_s") or 0.0
                                                       for m in per_seed), 2)}
-        if cfg["method"] == "cel":
+        if cfg["method"] in ("cel", "cel-narrow"):
             rec["user_clusters"] = per_seed[0].get("num_clusters_users")
             rec["item_clusters"] = per_seed[0].get("num_clusters_items")
         records.append(rec)

@@ -33,6 +33,10 @@ def test_plan_leaves_out_what_a_method_cannot_reach():
     reasons = {(lo["method"], lo["budget"]): lo["reason"] for lo in left_out}
     assert "int32 assignment map" in reasons[("cel", "64x")]        # the map alone is 1/32 at d=32
     assert "does not compress" in reasons[("hash", "2000")]          # 2 x 2,000 rows > 2,625
+    narrow, _ = compression_bench.plan(["cel-narrow"], ["4x", "64x"], 943, 1682)
+    assert [(c["budget"], c["overrides"]) for c in narrow] == [          # int8 maps reach 64x
+        (b, ["embedding.method=cel", "cel.items.map_dtype=auto", f"embedding.compression={b[:-1]}"])
+        for b in ("4x", "64x")]
     b = compression_bench.parse_budget("256", 6040, 3706)
     assert b["budget_rows_per_table"] == 256 and b["target_compression"] == pytest.approx(9746 / 512)
     assert compression_bench.default_budgets(943, 1682) == ["4x", "16x", "64x"]
