@@ -31,7 +31,7 @@ class ClusterState(nn.Module):
     proportional to the entities moved). Any other write to the map or the per-entity counters
     (reassignment, checkpoint load) is noticed through the tensors' version counters and the
     caches are rebuilt once with a `bincount` / `index_add_` over the map (a phase-time O(N)).
-    Per-entity interaction counters are int32 (4 bytes per entity, like the map).
+    Per-entity interaction counters are int32 (4 bytes per entity, like the default map).
     """
 
     def __init__(self, num_entities: int, max_clusters: int, init_clusters: int = 1,
