@@ -20,15 +20,14 @@ best-epoch validation recall@20 against the cluster count and item-side bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import print_table, write_results
-from bench.quality_ml100k import (BASELINE_SETTINGS, ROOT, cel_item_bytes, ensure_data,
-                                  run_trainer, table_width)
+from bench.quality_ml100k import (BASELINE_SETTINGS, cel_item_bytes, prepared_data, run_trainer,
+                                  table_width)
 
 SEEDS = [0, 1, 2]
 SURPRISE_SVD_RMSE = 0.9185          # bench/results/surprise_peers.json (issue 14's target)
@@ -53,10 +52,9 @@ RETRIEVAL_TABLE = ["variant", "item_clusters", "item_side_bytes", "compression",
 
 
 def _item_bytes(clusters: int | None, num_items: int, d: int = 32) -> int:
-    width = table_width("mf", d)
     if clusters is None:
-        return num_items * width * 4
-    return clusters * width * 4 + num_items * 4 * 2          # rows + int32 map + float32 bias
+        return num_items * table_width("mf", d) * 4
+    return cel_item_bytes("mf", clusters, num_items, entity_bias=True, d=d)
 
 
 def _dim(overrides: list[str]) -> int:
@@ -155,10 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs")
     parser.add_argument("--results", default=None, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
-    data = pathlib.Path(args.data)
-    data = data if data.is_absolute() else ROOT / data
-    ensure_data(data, pathlib.Path(args.src))
-    num_items = json.loads((data / "meta.json").read_text())["num_items"]
+    data, meta = prepared_data(args.data, args.src)
+    num_items = meta["num_items"]
     seeds, epochs, ret_epochs = (SEEDS[:1], 2, 2) if args.quick else (SEEDS, None, RETRIEVAL_EPOCHS)
     records: list[dict] = []
     if args.part in ("rating", "both"):

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench import retrieval_bench
 from bench.common import RESULTS_DIR, print_table, write_results
-from bench.quality_ml100k import (BASELINE_SETTINGS, ROOT, cel_item_bytes, ensure_data,
+from bench.quality_ml100k import (BASELINE_SETTINGS, cel_item_bytes, prepared_data,
                                   run_trainer, table_width)
 
 METHODS = ("sparse", "cce", "cerp")
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="3 epochs, one grid point, no file")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
-    data = ROOT / args.data if not pathlib.Path(args.data).is_absolute() else pathlib.Path(args.data)
-    ensure_data(data, pathlib.Path(args.src))
-    meta = json.loads((data / "meta.json").read_text())
+    data, meta = prepared_data(args.data, args.src)
     users, items = meta["num_users"], meta["num_items"]
     row = table_width("mf") * 4
     target = cel_item_bytes("mf", 50, items, entity_bias=True)

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import print_table, write_results
-from bench.quality_ml100k import ROOT, ensure_data
+from bench.quality_ml100k import ROOT, prepared_data
 
 DIM = 64
 EPOCHS = 24
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs")
     parser.add_argument("--results", default=None, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
-    data = pathlib.Path(args.data)
-    data = data if data.is_absolute() else ROOT / data
-    ensure_data(data, pathlib.Path(args.src))
-    meta = json.loads((data / "meta.json").read_text())
+    data, meta = prepared_data(args.data, args.src)
     num_items = meta["num_items"]
     dataset = ("ml100k-implicit-reference" if data == ROOT / "data/ml100k"
                else f"{data.name}-implicit")

@@ -58,14 +58,24 @@ def ensure_data(data: pathlib.Path, src: pathlib.Path) -> None:
                     "--out", str(data), "--overwrite"], check=True, cwd=ROOT)
 
 
+def prepared_data(data: str | pathlib.Path, src: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """`--data` made absolute (relative to the repository), prepared from `--src` if it is not
+    there yet, and its meta.json."""
+    path = pathlib.Path(data)
+    path = path if path.is_absolute() else ROOT / path
+    ensure_data(path, pathlib.Path(src))
+    return path, json.loads((path / "meta.json").read_text())
+
+
 def table_width(model: str, d: int = 32) -> int:
     """Width of the embedding rows (trainer.models.embedding_dim_for): MF d+1 rounded up to 4."""
     return -(-(d + 1) // 4) * 4 if model == "mf" else d
 
 
-def cel_item_bytes(model: str, clusters: int, num_items: int, entity_bias: bool) -> int:
+def cel_item_bytes(model: str, clusters: int, num_items: int, entity_bias: bool, d: int = 32) -> int:
     """Item side of CEL: cluster rows + int32 map (+ a float32 per-item bias)."""
-    return clusters * table_width(model) * 4 + num_items * 4 + (num_items * 4 if entity_bias else 0)
+    return (clusters * table_width(model, d) * 4 + num_items * 4
+            + (num_items * 4 if entity_bias else 0))
 
 
 def hash_buckets_for(target: int, model: str) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import print_table, write_results
-from bench.quality_ml100k import (ROOT, cel_item_bytes, ensure_data, hash_buckets_for,
+from bench.quality_ml100k import (ROOT, cel_item_bytes, hash_buckets_for, prepared_data,
                                   qr_collisions_for, table_width)
 
 CONFIG = "configs/ml100k_mf.yaml"
@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs")
     parser.add_argument("--results", default=None, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
-    data = pathlib.Path(args.data)
-    data = data if data.is_absolute() else ROOT / data
-    ensure_data(data, pathlib.Path(args.src))
-    num_items = json.loads((data / "meta.json").read_text())["num_items"]
+    data, meta = prepared_data(args.data, args.src)
+    num_items = meta["num_items"]
     dataset = ("ml100k-implicit-reference" if data == ROOT / "data/ml100k"
                else f"{data.name}-implicit")
     grid = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
